@@ -1,0 +1,124 @@
+"""Routers: decide, per token, which heads are used and with which weight (paper Sec. 3.2).
+
+Every router is an ``nn.Module`` built as ``Router(cfg)`` and called as
+``router(x_BTD, raw_queries) -> Routing`` where ``raw_queries()`` lazily returns the query
+projection of every head *before* qk-norm and RoPE, shape (B, T, H, hd) (only ``query_norm``
+asks for it). Register new ones with ``@ROUTERS.register("name")``.
+
+Shape legend: B batch, T tokens, D model width, H heads, E routed heads, K top-k.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moh.core.routing import Routing
+from moh.registry import Registry
+
+ROUTERS: Registry[type] = Registry("router")
+RawQueries = Callable[[], Tensor]
+
+
+def _scatter_topk(values_BTK: Tensor, index_BTK: Tensor, num_shared: int, shared_BTS: Tensor, H: int):
+    """Assemble dense gates (B, T, H) and the active mask from shared gates and routed top-k."""
+    B, T, _ = values_BTK.shape
+    routed = values_BTK.new_zeros(B, T, H - num_shared).scatter(-1, index_BTK, values_BTK)
+    gates = torch.cat([shared_BTS, routed], dim=-1)
+    active = torch.zeros(B, T, H, dtype=torch.bool, device=values_BTK.device)
+    active[..., :num_shared] = True
+    active[..., num_shared:].scatter_(-1, index_BTK, True)
+    return gates, active
+
+
+@ROUTERS.register("all")
+class AllHeadsRouter(nn.Module):
+    """Every head, gate 1: exactly multi-head attention (the baseline)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+
+    def forward(self, x_BTD: Tensor, raw_queries: RawQueries) -> Routing:
+        B, T, _ = x_BTD.shape
+        gates = x_BTD.new_ones(B, T, self.num_heads)
+        active = torch.ones(B, T, self.num_heads, dtype=torch.bool, device=x_BTD.device)
+        return Routing(gates, active, None, num_shared=self.num_heads, learned=False)
+
+
+@ROUTERS.register("two_stage")
+class TwoStageRouter(nn.Module):
+    """The paper's learned two-stage router (Eqs. 4-6).
+
+    routed:  p = softmax(W_r x) over the E routed heads; keep the top-k, renormalise the kept ones
+             to sum 1 and multiply by k.
+    shared:  softmax(W_s x) * num_shared (a constant 1 when num_shared == 1).
+    balance: [a1, a2] = softmax(W_h x) * 2; shared gates * a1, routed gates * a2 (only when there
+             are both shared and routed heads).
+    With uniform router outputs every gate is exactly 1 and the layer equals multi-head attention.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads, self.num_shared, self.top_k = cfg.num_heads, cfg.num_shared, cfg.top_k
+        E = cfg.num_heads - cfg.num_shared
+        self.w_routed = nn.Linear(cfg.dim, E, bias=False) if E > 0 else None
+        self.w_shared = nn.Linear(cfg.dim, cfg.num_shared, bias=False) if cfg.num_shared > 1 else None
+        self.w_balance = nn.Linear(cfg.dim, 2, bias=False) if (cfg.num_shared > 0 and E > 0) else None
+        for lin in (self.w_routed, self.w_shared, self.w_balance):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=cfg.dim**-0.5)
+
+    def forward(self, x_BTD: Tensor, raw_queries: RawQueries) -> Routing:
+        B, T, _ = x_BTD.shape
+        S, K = self.num_shared, self.top_k
+        if self.w_shared is not None:
+            shared = F.softmax(self.w_shared(x_BTD), dim=-1, dtype=torch.float32).to(x_BTD.dtype) * S
+        else:
+            shared = x_BTD.new_ones(B, T, S)
+        if self.w_routed is None:
+            active = torch.ones(B, T, S, dtype=torch.bool, device=x_BTD.device)
+            return Routing(shared, active, None, num_shared=S, learned=False)
+        probs = F.softmax(self.w_routed(x_BTD), dim=-1, dtype=torch.float32).to(x_BTD.dtype)  # (B,T,E)
+        top_p, top_i = probs.topk(K, dim=-1)  # (B,T,K)
+        routed = top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny) * K
+        if self.w_balance is not None:
+            a = F.softmax(self.w_balance(x_BTD), dim=-1, dtype=torch.float32).to(x_BTD.dtype) * 2
+            shared = shared * a[..., :1]
+            routed = routed * a[..., 1:]
+        gates, active = _scatter_topk(routed, top_i, S, shared, self.num_heads)
+        return Routing(gates, active, probs, num_shared=S, learned=True)
+
+
+@ROUTERS.register("query_norm")
+class QueryNormRouter(nn.Module):
+    """Parameter-free router used to continue-tune a pretrained LLaMA3 into MoH (paper Sec. 4.4).
+
+    logits = L2 norm of each routed head's query (before RoPE), divided by their standard deviation
+    across the routed heads; softmax; top-k. Gates are hard: 1 for the kept and the shared heads.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads, self.num_shared, self.top_k = cfg.num_heads, cfg.num_shared, cfg.top_k
+
+    def forward(self, x_BTD: Tensor, raw_queries: RawQueries) -> Routing:
+        B, T, _ = x_BTD.shape
+        S, K = self.num_shared, self.top_k
+        shared = x_BTD.new_ones(B, T, S)
+        if self.num_heads == S:
+            active = torch.ones(B, T, S, dtype=torch.bool, device=x_BTD.device)
+            return Routing(shared, active, None, num_shared=S, learned=False)
+        with torch.no_grad():
+            norms = raw_queries()[:, :, S:].float().norm(dim=-1)  # (B,T,E)
+            std = norms.std(dim=-1, keepdim=True) if norms.shape[-1] > 1 else torch.ones_like(norms)
+            probs = F.softmax(norms / std.clamp_min(1e-6), dim=-1).to(x_BTD.dtype)
+            top_i = probs.topk(K, dim=-1).indices
+        gates, active = _scatter_topk(x_BTD.new_ones(B, T, K), top_i, S, shared, self.num_heads)
+        return Routing(gates, active, probs, num_shared=S, learned=False)
+
+
+def build_router(cfg) -> nn.Module:
+    return ROUTERS.get(cfg.router)(cfg)
