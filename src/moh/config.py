@@ -118,6 +118,32 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Scalars from YAML / the command line to the field's type (YAML reads 3e-4 as a string)."""
+    if value is None or tp not in (int, float, bool, str):
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif tp is int and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            f = float(value)
+            if f == int(f):
+                return int(f)
+        except ValueError:
+            pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ValueError(f"config key {where!r} must be {tp.__name__}, got {value!r}")
+
+
 def from_dict(cls: Type[C], data: Any, *, where: str = "") -> C:
     """Build dataclass ``cls`` from a dict; unknown keys raise a ``ValueError`` naming them."""
     if data is None:
@@ -138,6 +164,8 @@ def from_dict(cls: Type[C], data: Any, *, where: str = "") -> C:
         sub = f"{where}.{name}" if where else name
         if is_dataclass(tp) and isinstance(value, dict):
             value = from_dict(tp, value, where=sub)
+        else:
+            value = _coerce(value, tp, sub)
         kwargs[name] = value
     return cls(**kwargs)
 
