@@ -47,8 +47,10 @@ def full_mask(call: AttentionCall) -> Optional[Tensor]:
 
 
 def masked_softmax(scores: Tensor, allowed: Optional[Tensor]) -> Tensor:
-    """Softmax over the last dim where ``allowed``; disallowed scores get the dtype's minimum
-    (not -inf), so a row with nothing allowed averages uniformly instead of producing NaN."""
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1)
+    """Softmax over the last dim where ``allowed``. A row with nothing allowed (a padded query
+    under causality) gets all-zero probabilities, so its head output is exactly 0 in every backend
+    whatever key blocks it was split into (the dtype's minimum, not -inf, keeps it free of NaN)."""
+    if allowed is None:
+        return torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
+    return probs.masked_fill(~allowed, 0.0)  # exact no-op on rows with an allowed key

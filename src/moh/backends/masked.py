@@ -28,5 +28,8 @@ def masked_attention(call: AttentionCall) -> Tensor:
     heads = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=call.dropout_p, scale=call.scale
     )  # (B, H, T, hd)
-    heads = heads * call.routing.gates_BTH.transpose(1, 2).unsqueeze(-1)
+    gates = call.routing.gates_BTH
+    if mask is not None:  # rows that see no key output 0 (see masked_softmax)
+        gates = gates * mask.any(-1, keepdim=True).to(gates.dtype)
+    heads = heads * gates.transpose(1, 2).unsqueeze(-1)
     return heads.transpose(1, 2).reshape(B, T, -1) @ call.attn.o_proj.weight.T

@@ -1,0 +1,137 @@
+"""Pictures of a ``RoutingRecord`` (matplotlib, Agg backend; no display needed).
+
+head_load.png        per layer: groups x heads heatmap of the fraction of the group's tokens
+                     that use each head (the paper's Fig. 8 shows this per ImageNet class)
+head_choice.png      layers x heads heatmap: fraction of all tokens that use each head
+router_entropy.png   mean router entropy per layer against the uniform maximum log(E)
+active_fraction.png  measured fraction of heads active per layer against the configured one
+routing_summary.json the numbers behind the pictures
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never opens a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moh.analysis.routing import RoutingRecord  # noqa: E402
+
+_CMAP = "viridis"
+
+
+def _head_labels(H: int, num_shared: int) -> list[str]:
+    """'s0', 's1' for shared heads, 'r2', ... for routed ones."""
+    return [f"{'s' if h < num_shared else 'r'}{h}" for h in range(H)]
+
+
+def _short(name: str, n: int = 14) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def plot_head_load(rec: RoutingRecord, path: Path, title: str) -> Path:
+    load = rec.head_load.numpy()  # (L, G, H)
+    L, G, H = load.shape
+    cols = min(L, 3)
+    rows = math.ceil(L / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.0 + 0.42 * H * cols + 1.2, 0.9 + (0.28 * G + 0.9) * rows),
+                             squeeze=False, constrained_layout=True)
+    im = None
+    for l in range(rows * cols):
+        ax = axes[l // cols][l % cols]
+        if l >= L:
+            ax.axis("off")
+            continue
+        im = ax.imshow(load[l], vmin=0.0, vmax=1.0, cmap=_CMAP, aspect="auto", interpolation="nearest")
+        ax.set_title(f"layer {l}  ({rec.num_shared[l]} shared)", fontsize=9)
+        ax.set_xticks(range(H), _head_labels(H, rec.num_shared[l]), fontsize=7)
+        ax.set_yticks(range(G), [_short(g) for g in rec.group_names] if l % cols == 0 else [""] * G, fontsize=7)
+        if l // cols == rows - 1 or l + cols >= L:
+            ax.set_xlabel("head (s = shared, r = routed)", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of the group's tokens using the head")
+    fig.suptitle(f"{title}head load per group".strip(), fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_head_choice(rec: RoutingRecord, path: Path, title: str) -> Path:
+    frac = rec.choice_fraction.numpy()  # (L, H)
+    L, H = frac.shape
+    fig, ax = plt.subplots(figsize=(1.8 + 0.5 * H, 1.2 + 0.38 * L), constrained_layout=True)
+    im = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap=_CMAP, aspect="auto", interpolation="nearest")
+    for l in range(L):
+        for h in range(H):
+            ax.text(h, l, f"{frac[l, h]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if frac[l, h] > 0.6 else "white")
+    ax.set_xticks(range(H), [f"h{h}" for h in range(H)], fontsize=8)
+    ax.set_yticks(range(L), [f"layer {l} ({rec.num_shared[l]}s)" for l in range(L)], fontsize=8)
+    ax.set_xlabel("head (the first (N)s heads of a layer are shared)", fontsize=8)
+    fig.colorbar(im, ax=ax, label="fraction of tokens using the head")
+    ax.set_title(f"{title}how often each head is used".strip(), fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_entropy(rec: RoutingRecord, path: Path, title: str) -> Path:
+    ent = rec.entropy.numpy()
+    L = len(ent)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * L, 3.2), constrained_layout=True)
+    x = np.arange(L)
+    have = ~np.isnan(ent)
+    ax.bar(x[have], ent[have], color="tab:blue", label="mean router entropy")
+    max_ent = [math.log(e) if e > 1 else 0.0 for e in rec.num_routed]
+    ax.plot(x, max_ent, "k_", markersize=18, mew=2, label="uniform: log(routed heads)")
+    for l in np.flatnonzero(~have):
+        ax.text(l, 0.02, "no router\nprobabilities", ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(x, [str(l) for l in range(L)])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("entropy (nats)")
+    ax.set_ylim(0, max(max_ent + [float(np.nanmax(ent)) if have.any() else 0.0, 0.1]) * 1.35)
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    ax.set_title(f"{title}router entropy per layer".strip(), fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_active_fraction(rec: RoutingRecord, path: Path, title: str) -> Path:
+    act = rec.active_fraction.numpy()
+    L = len(act)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * L, 3.2), constrained_layout=True)
+    x = np.arange(L)
+    ax.bar(x, act, color="tab:green", label="measured")
+    ax.plot(x, rec.expected_fraction, "k_", markersize=18, mew=2, label="configured")
+    for l, a in enumerate(act):
+        ax.text(l, a + 0.01, f"{a:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [str(l) for l in range(L)])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of heads active")
+    ax.set_ylim(0, 1.3)
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    ax.set_title(f"{title}heads active per layer".strip(), fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_pictures(rec: RoutingRecord, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write every picture and ``routing_summary.json`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = f"{title}: " if title else ""
+    paths = [
+        plot_head_load(rec, out / "head_load.png", prefix),
+        plot_head_choice(rec, out / "head_choice.png", prefix),
+        plot_entropy(rec, out / "router_entropy.png", prefix),
+        plot_active_fraction(rec, out / "active_fraction.png", prefix),
+    ]
+    summary = out / "routing_summary.json"
+    summary.write_text(json.dumps({"title": title, **rec.summary()}, indent=1))
+    paths.append(summary)
+    return paths

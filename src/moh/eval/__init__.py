@@ -1,0 +1,1 @@
+"""Evaluation: metrics, benchmarks (``moh bench`` lives in ``moh.eval.bench``)."""

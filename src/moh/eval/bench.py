@@ -1,0 +1,314 @@
+"""``moh bench``: latency and memory of the MoH backends versus dense SDPA multi-head attention.
+
+One attention layer (D, H heads of width hd, batch B, fp32) is timed for every backend x
+active-head ratio, next to a dense baseline: q/k/v/o ``nn.Linear`` + ``F.scaled_dot_product_attention``
+with the same D/H (projections included, as in MoH). Candidates of one case (sequence length,
+causal or not) are timed *interleaved*, one repeat of each in turn, so machine noise hits all of
+them alike; the median is reported. Every row gets two ratios: (a) SDPA time / its time, and
+(b) the same backend with every head active / its time. Three kinds of case:
+
+* ``forward``: a forward pass (no autograd) over N tokens, causal and bidirectional;
+* ``decode``:  one new token against a KV cache of C tokens (causal);
+* ``train``:   forward + backward (loss: sum of the output times a fixed random tensor, plus the
+               router's load-balance loss for MoH).
+
+Peak memory is the peak of bytes allocated by torch's CPU allocator during one call, above what
+was allocated before it (weights, inputs and caches excluded), from the profiler's memory events.
+It counts tensors (scores, activations, autograd buffers), not allocator caching or Python objects.
+
+Shape legend: B batch, N tokens, D width, H heads, hd head width.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+QUICK = dict(dim=96, heads=12, head_dim=8, seq_lens="64,128", decode_contexts="64,256", train_seq_len=128,
+             repeats=3, warmup=1)
+DEFAULTS = dict(dim=768, heads=12, head_dim=64, seq_lens="512,1024,2048,4096", decode_contexts="1024,4096",
+                train_seq_len=2048, repeats=5, warmup=1)
+
+
+# ---- the layers being compared --------------------------------------------------------------
+
+
+class DenseMHA(nn.Module):
+    """The baseline: multi-head attention with fused SDPA, projections included."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, causal: bool):
+        super().__init__()
+        self.h, self.hd, self.causal = heads, head_dim, causal
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim, bias=False) for _ in range(3))
+        self.o = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        """x (B, N, D) -> (B, N, D). With ``cache`` (a KVCache) the new tokens attend to all of it."""
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, self.h, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if cache is not None:
+            k, v = cache.update(k, v)
+        causal = self.causal and cache is None  # one new token sees the whole cache
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, hd)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def head_split(heads: int, ratio: float) -> Optional[tuple[int, int]]:
+    """(num_shared, top_k) for an active-head ratio; None for 100% (the ``all`` router).
+    A sixth of the heads are shared (2 of 12, as in the paper's LLM setting)."""
+    if ratio >= 1.0:
+        return None
+    shared = max(1, round(heads / 6))
+    top_k = min(max(round(ratio * heads) - shared, 1), heads - shared)
+    return shared, top_k
+
+
+def build_moh(dim: int, heads: int, head_dim: int, ratio: float, backend: str, causal: bool) -> nn.Module:
+    from moh.config import MoHConfig
+    from moh.core.attention import MoHAttention
+
+    split = head_split(heads, ratio)
+    extra = dict(router="all") if split is None else dict(num_shared=split[0], top_k=split[1])
+    return MoHAttention(MoHConfig(dim=dim, num_heads=heads, head_dim=head_dim, backend=backend, causal=causal, **extra))
+
+
+# ---- one candidate = a name, a callable, and its layer ----------------------------------------
+
+
+@dataclass
+class Row:
+    kind: str  # forward / decode / train
+    seq_len: int  # tokens (forward, train) or cache length (decode)
+    causal: bool
+    backend: str  # "sdpa" for the baseline
+    ratio: float  # nominal active-head ratio
+    active: float  # measured fraction of (token, head) pairs computed
+    ms: float  # median latency
+    ms_all: list  # every repeat
+    peak_mb: float
+    vs_sdpa: float = 0.0  # (a)
+    vs_all_heads: float = 0.0  # (b), 0 for the baseline and the 100% rows
+
+
+def _make_call(layer: nn.Module, kind: str, x: Tensor, ctx: Optional[Tensor], is_moh: bool):
+    """A zero-argument callable running one case on ``layer``; returns (call, active fraction)."""
+    from moh.core.cache import KVCache
+    from moh.core.routing import load_balance_loss
+
+    active = [1.0]
+
+    def run(inp, cache=None):
+        out = layer(inp, cache=cache)
+        if is_moh:
+            active[0] = out.routing.active_fraction()
+            return out.output, out.routing
+        return out, None
+
+    if kind == "forward":
+        def call():
+            with torch.no_grad():
+                run(x)
+    elif kind == "decode":
+        cache = KVCache(capacity=ctx.shape[1] + 1)
+        with torch.no_grad():
+            run(ctx, cache)
+
+        def call():
+            with torch.no_grad():
+                run(x, cache)
+            cache.length -= x.shape[1]  # drop the new token: every repeat sees the same context
+    else:
+        w = torch.randn_like(x)
+
+        def call():
+            layer.zero_grad(set_to_none=True)
+            y, routing = run(x)
+            loss = (y * w).sum()
+            if routing is not None:
+                loss = loss + 0.01 * load_balance_loss(routing)
+            loss.backward()
+    return call, active
+
+
+def peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated by torch's CPU allocator during ``fn()``, above the level at its start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    totals = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
+
+
+def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds of every repeat; each round runs every candidate once, in a rotating order."""
+    names = list(calls)
+    for _ in range(warmup):
+        for n in names:
+            calls[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            calls[n]()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
+    """Time SDPA and every backend x ratio for one (kind, length, causal); fill both ratios."""
+    torch.manual_seed(0)
+    D, H, hd, B = args.dim, args.heads, args.head_dim, args.batch
+    n_new = 1 if kind == "decode" else seq_len
+    x = torch.randn(B, n_new, D, requires_grad=(kind == "train"))
+    ctx = torch.randn(B, seq_len, D) if kind == "decode" else None
+    layers = {("sdpa", 1.0): DenseMHA(D, H, hd, causal)}
+    for backend in args.backends:
+        for ratio in args.ratios:
+            layers[(backend, ratio)] = build_moh(D, H, hd, ratio, backend, causal)
+    calls, actives = {}, {}
+    for key, layer in layers.items():
+        calls[key], actives[key] = _make_call(layer, kind, x, ctx, is_moh=key[0] != "sdpa")
+    times = time_interleaved(calls, args.repeats, args.warmup)
+    rows = []
+    for key, ts in times.items():
+        peak = peak_bytes(calls[key]) / 2**20
+        rows.append(Row(kind, seq_len, causal, key[0], key[1], actives[key][0], statistics.median(ts),
+                        [round(t, 3) for t in ts], round(peak, 2)))
+    base = next(r.ms for r in rows if r.backend == "sdpa")
+    full = {r.backend: r.ms for r in rows if r.ratio >= 1.0}
+    for r in rows:
+        r.vs_sdpa = base / r.ms
+        if r.backend != "sdpa" and r.ratio < 1.0 and r.backend in full:
+            r.vs_all_heads = full[r.backend] / r.ms
+    return rows
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _ratios(s: str) -> list[float]:
+    try:
+        vals = [float(v) / 100 if float(v) > 1 else float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--ratios expects comma-separated percents like 50,75,100; got {s!r}") from None
+    bad = [v for v in vals if not 0 < v <= 1]
+    if bad:
+        raise ValueError(f"--ratios values must be in (0, 100] percent, got {bad}")
+    return sorted(set(vals) | {1.0})  # 100% is always measured: ratio (b) needs it
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dim", type=int, help=f"model width D (default {DEFAULTS['dim']})")
+    p.add_argument("--heads", type=int, help=f"attention heads H (default {DEFAULTS['heads']})")
+    p.add_argument("--head-dim", type=int, help=f"head width (default {DEFAULTS['head_dim']})")
+    p.add_argument("--seq-lens", help=f"forward sequence lengths (default {DEFAULTS['seq_lens']})")
+    p.add_argument("--decode-contexts", help=f"KV-cache lengths for the decode step (default {DEFAULTS['decode_contexts']}; '' skips)")
+    p.add_argument("--train-seq-len", type=int, help=f"tokens of the training step (default {DEFAULTS['train_seq_len']}; 0 skips)")
+    p.add_argument("--ratios", default="50,75,90,100", help="active-head percents (100 = router 'all'; always added)")
+    p.add_argument("--backends", default="sparse,masked", help="comma-separated backends (reference is slow)")
+    p.add_argument("--repeats", type=int, help=f"timed repeats per candidate (default {DEFAULTS['repeats']})")
+    p.add_argument("--warmup", type=int, help=f"untimed runs per candidate (default {DEFAULTS['warmup']})")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, about a minute or less (tests, a first look)")
+    p.add_argument("--out", default="results/bench.json", help="JSON file to write")
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options from the quick or the full defaults and validate them."""
+    from moh.backends import BACKENDS
+
+    base = QUICK if args.quick else DEFAULTS
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.seq_lens = _ints(args.seq_lens)
+    args.decode_contexts = _ints(args.decode_contexts)
+    args.ratios = _ratios(args.ratios)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in args.backends:
+        BACKENDS.get(b)  # raises naming the valid backends
+    for name in ("dim", "heads", "head_dim", "repeats", "batch"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    if args.warmup < 0 or args.threads < 0 or args.train_seq_len < 0 or any(n <= 0 for n in args.seq_lens + args.decode_contexts):
+        raise ValueError("--warmup, --threads, --train-seq-len and the lengths must not be negative (lengths > 0)")
+    return args
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return dict(platform=platform.platform(), cpu=cpu, cpus=os.cpu_count(), threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'kind':8s} {'N/ctx':>6s} {'mask':6s} {'backend':8s} {'active':>6s} {'ms':>9s} {'peak MB':>8s} {'vs SDPA':>8s} {'vs all':>7s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        vs_all = f"{r.vs_all_heads:6.2f}x" if r.vs_all_heads else f"{'-':>7s}"
+        lines.append(
+            f"{r.kind:8s} {r.seq_len:6d} {'causal' if r.causal else 'bidir':6s} {r.backend:8s} {r.active:6.0%} "
+            f"{r.ms:9.2f} {r.peak_mb:8.1f} {r.vs_sdpa:7.2f}x {vs_all}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    args = _resolve(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} | {info['platform']}")
+    print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | median of {args.repeats} (interleaved), {args.warmup} warm-up")
+    cases = [("forward", n, c) for n in args.seq_lens for c in (False, True)]
+    cases += [("decode", n, True) for n in args.decode_contexts]
+    if args.train_seq_len:
+        cases += [("train", args.train_seq_len, c) for c in (False, True)]
+    rows: list[Row] = []
+    for kind, n, causal in cases:
+        log.info("bench: %s N=%d %s", kind, n, "causal" if causal else "bidirectional")
+        rows += run_case(args, kind, n, causal)
+    print(format_table(rows))
+    settings = {k: getattr(args, k) for k in ("dim", "heads", "head_dim", "batch", "seq_lens", "decode_contexts",
+                                              "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(machine=info, settings=settings, results=[asdict(r) for r in rows]), indent=1))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,326 @@
+"""The one training loop for every model family, on ``accelerate``.
+
+The same code runs in one CPU process, in several with DDP (``torchrun`` / ``accelerate launch``)
+and with FSDP through accelerate's config. Models are called as ``model(**batch)`` and return a
+``ModelOutput``; the loss is ``out.loss + balance_coef * out.aux_loss``.
+
+Run directory (``train.out_dir``):
+    config.yaml  model.safetensors  final.json     the result (``load_run`` reads these)
+    metrics.jsonl / .csv  eval.jsonl / .csv  tb/   logs
+    checkpoints/step_XXXXXXXX/                     resumable state (see ``moh.train.checkpoint``)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from moh.data import build_dataset
+from moh.models import create_model
+from moh.train import checkpoint as ckpt
+from moh.train.config import RunConfig
+from moh.train.metrics import MetricsLogger, batch_accuracy, count_items, reduce_sums
+from moh.train.sampler import ResumableBatchSampler
+from moh.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+TRAIN_KEYS = ("loss", "task_loss", "aux_loss", "acc", "heads_active")
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # unwrapped
+    history: list[dict] = field(default_factory=list)  # one dict per logged step
+    eval: dict = field(default_factory=dict)  # final evaluation: loss, acc, heads_active, n
+    out_dir: Path = Path(".")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _dist_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 64, max_batches: int = 0) -> dict:
+    """Mean task loss, accuracy and fraction of heads active over ``data`` (or its first
+    ``max_batches`` batches per process). Under torch.distributed each process evaluates every
+    world_size-th item and the sums are all-reduced, so every process returns the same dict.
+    loss and acc are per counted prediction (tokens for decoders), heads_active per item."""
+    rank, world = _dist_world()
+    device = next(model.parameters()).device
+    shard = Subset(data, range(rank, len(data), world)) if world > 1 else data
+    was_training = model.training
+    model.eval()
+    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "heads": 0.0, "n": 0.0}
+    for i, batch in enumerate(DataLoader(shard, batch_size=batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        correct, count = batch_accuracy(out.logits, batch["labels"])
+        n = out.logits.shape[0]
+        sums["loss"] += float(out.loss) * count
+        sums["correct"] += correct
+        sums["count"] += count
+        sums["heads"] += out.active_fraction() * n
+        sums["n"] += n
+    model.train(was_training)
+    if world > 1:
+        sums = reduce_sums(sums, _all_reduce_sum)
+    c = max(sums["count"], 1.0)
+    return {"loss": sums["loss"] / c, "acc": sums["correct"] / c,
+            "heads_active": sums["heads"] / max(sums["n"], 1.0), "n": int(sums["n"])}
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    # gloo reduces CPU tensors; NCCL needs them on the GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, embeddings of position/class (1-D tensors and
+    tensors named *pos_embed / cls_token*), the usual ViT / LLaMA practice."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.dim() < 2 or name.endswith(("pos_embed", "cls_token"))
+        (no_decay if flat else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _check(cfg: RunConfig) -> None:
+    t, o = cfg.train, cfg.optim
+    for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                        ("train.log_every", t.log_every)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    for name, value in (("train.save_every", t.save_every), ("train.eval_every", t.eval_every),
+                        ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+    if len(o.betas) != 2:
+        raise ValueError(f"optim.betas={o.betas} must be two numbers")
+
+
+def _touch_all_params(model: nn.Module) -> Tensor:
+    """0 * (sum of every parameter): adds exact zeros to every gradient, so a parameter no token
+    used this step (e.g. a router row of a head nobody picked) still gets a gradient (zero).
+    That keeps DDP's reducer working without find_unused_parameters (no graph search every step)
+    and makes one process and many processes update such parameters identically."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class _Window:
+    """Sums of training statistics since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.seconds = 0.0  # wall time of this process's steps
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def pop(self, reduce) -> dict[str, float]:
+        sums = reduce_sums(self.sums, reduce)
+        self.sums, self.steps, self.seconds = {}, 0, 0.0
+        return sums
+
+
+def _train_step(model, optimizer, accelerator, micro_batches: list[dict], cfg: RunConfig, window: _Window) -> dict:
+    """One optimizer step over ``grad_accum`` micro-batches; returns this process's stats (means of
+    the losses and heads active, sums of correct / counted predictions and items)."""
+    accum, coef = len(micro_batches), cfg.train.balance_coef
+    local = {"loss": 0.0, "task_loss": 0.0, "aux_loss": 0.0, "heads_active": 0.0, "correct": 0, "count": 0, "items": 0}
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # gradients are all-reduced once per step: skip the sync on all but the last micro-batch
+        sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+        with sync:
+            out = model(**batch)
+            aux = out.aux_loss
+            loss = out.loss + coef * aux
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} (task {out.loss.item()}, aux {aux.item()})")
+            accelerator.backward((loss + _touch_all_params(model)) / accum)
+        correct, count = batch_accuracy(out.logits.detach(), batch["labels"])
+        stats = {"loss": loss.item(), "task_loss": out.loss.item(), "aux_loss": aux.item(),
+                 "heads_active": out.active_fraction()}
+        for k, v in stats.items():
+            local[k] += v / accum
+        items = count_items(batch)
+        local.update(correct=local["correct"] + correct, count=local["count"] + count, items=local["items"] + items)
+        window.add(**{k: v / accum for k, v in stats.items()}, correct=correct, count=count, items=items)
+    if cfg.optim.grad_clip > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        window.add(grad_norm=float(norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    window.steps += 1
+    return local
+
+
+def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Optional[Dataset] = None,
+        eval_data: Optional[Dataset] = None) -> FitResult:
+    """Train ``cfg``'s model (or ``model``) on ``cfg``'s data (or the given data sets).
+
+    ``train.seed`` seeds model init, data order and dropout (process r uses seed + r for
+    dropout). With ``train.resume`` the latest checkpoint in ``out_dir/checkpoints`` is restored and
+    the run continues exactly where it stopped; without it, old checkpoints there are removed."""
+    from accelerate import Accelerator
+
+    _check(cfg)
+    t = cfg.train
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    out_dir = Path(t.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+
+    if model is None:
+        torch.manual_seed(t.seed)  # same init on every process
+        model = create_model(cfg.model.name, **cfg.model.overrides)
+    if train_data is None:
+        train_data = build_dataset(cfg.data.name, "train", **cfg.data.args)
+    if eval_data is None:
+        eval_data = build_dataset(cfg.data.name, cfg.data.eval_split, **cfg.data.args)
+    seed_everything(t.seed + rank)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    start = 0
+    latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
+    if t.resume and latest is None:
+        log.warning("resume: no checkpoint in %s; starting from step 0", ckpt_root)
+    if not t.resume and main and ckpt.list_checkpoints(ckpt_root):
+        log.warning("removing old checkpoints in %s (fresh run; pass resume to continue them)", ckpt_root)
+        for p in ckpt.list_checkpoints(ckpt_root):
+            ckpt.remove_dir(p)
+    accelerator.wait_for_everyone()
+
+    sampler = ResumableBatchSampler(len(train_data), t.batch_size, seed=t.seed, rank=rank, world_size=world)
+    if latest is not None:  # last: restores the generators, nothing may draw from them after
+        state = ckpt.load_checkpoint(latest, model=raw, optimizer=optimizer, rank=rank)
+        start = state["step"]
+        sampler.start = state["micro_batches"]
+        log.info("resumed from %s (step %d)", latest, start)
+    # the loader gets its own generator so creating its iterator leaves torch's global RNG alone
+    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=t.num_workers,
+                        generator=torch.Generator().manual_seed(t.seed))
+    batches = iter(loader)
+
+    metrics = MetricsLogger(out_dir, "metrics", start_step=start, use_csv=t.metrics_csv, tensorboard=t.tensorboard,
+                            enabled=main)
+    evals = MetricsLogger(out_dir, "eval", start_step=start, use_csv=t.metrics_csv, tensorboard=False, enabled=main)
+    if main:
+        cfg.save(out_dir / "config.yaml")
+    window = _Window()
+    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main and sys.stderr.isatty()),
+               desc="train")
+    reduce = lambda x: accelerator.reduce(x, "sum")  # noqa: E731
+    t_run = time.perf_counter()
+    for step in range(start, t.steps):
+        lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, total_steps=t.steps,
+                   min_lr_ratio=cfg.optim.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        local = _train_step(model, optimizer, accelerator, [next(batches) for _ in range(t.grad_accum)], cfg, window)
+        seconds = time.perf_counter() - t0
+        window.seconds += seconds  # step time only: logging, eval, saving excluded
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{local['loss']:.3f}", acc=f"{local['correct'] / max(local['count'], 1):.3f}",
+                        items_s=f"{local['items'] * world / seconds:.0f}", heads=f"{local['heads_active']:.2f}",
+                        refresh=False)
+        if done % t.log_every == 0 or done == t.steps:
+            metrics.log(_log_record(window, done, lr, world, reduce))
+        if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+            evals.log({"step": done, **evaluate(raw, eval_data, t.batch_size, t.eval_batches)})
+        if (t.save_every and done % t.save_every == 0) or done == t.steps:
+            ckpt.save_checkpoint(ckpt_root, done, model=raw, optimizer=optimizer,
+                                 state={"micro_batches": done * t.grad_accum, "world_size": world},
+                                 rank=rank, barrier=accelerator.wait_for_everyone, keep_last=t.keep_last)
+    bar.close()
+    train_time = time.perf_counter() - t_run
+
+    final = evaluate(raw, eval_data, t.batch_size, t.eval_batches)
+    evals.log({"step": t.steps, **final})
+    if main:
+        ckpt.save_weights(raw, out_dir / "model.safetensors")
+        summary = dict(final, step=t.steps, train_time_s=train_time, resumed_from=start)
+        ckpt.atomic_write_text(out_dir / "final.json", json.dumps(summary, indent=1))
+    metrics.close()
+    evals.close()
+    accelerator.wait_for_everyone()
+    return FitResult(model=raw, history=metrics.records, eval=final, out_dir=out_dir)
+
+
+def _log_record(window: _Window, step: int, lr: float, world: int, reduce) -> dict:
+    """Means over the window's steps (and processes) of the training statistics; items_per_s
+    counts every process's items per second of step time."""
+    steps, seconds = window.steps, window.seconds
+    sums = window.pop(reduce)
+    per_step = steps * world
+    rec = {"step": step}
+    for k in ("loss", "task_loss", "aux_loss", "heads_active"):
+        rec[k] = sums[k] / per_step
+    rec["acc"] = sums["correct"] / max(sums["count"], 1.0)
+    rec["lr"] = lr
+    rec["items_per_s"] = sums["items"] / max(seconds, 1e-9)
+    rec["step_time_s"] = seconds / max(steps, 1)
+    if "grad_norm" in sums:
+        rec["grad_norm"] = sums["grad_norm"] / per_step
+    return rec
+
+
+def load_run(out_dir: str | Path) -> tuple[nn.Module, RunConfig]:
+    """The trained model (eval mode) and resolved config of a finished run directory."""
+    out_dir = Path(out_dir)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (out_dir / name).is_file():
+            raise ValueError(f"{str(out_dir)!r} is not a finished run: {name} is missing")
+    cfg = RunConfig.load(out_dir / "config.yaml")
+    model = create_model(cfg.model.name, **cfg.model.overrides)
+    ckpt.load_weights(model, out_dir / "model.safetensors")
+    return model.eval(), cfg

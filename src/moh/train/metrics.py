@@ -1,0 +1,116 @@
+"""Training metrics: per-batch accuracy and item counts for any model family, and a logger that
+writes JSONL (always), CSV (optional) and TensorBoard (when installed) into the run directory."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def batch_accuracy(logits: Tensor, labels: Tensor) -> tuple[int, int]:
+    """(correct, counted) predictions. Classifiers: logits (B, C) vs labels (B). Decoders: logits
+    (B, T, V) vs labels (B, T), position t predicting labels[t + 1], -100 ignored (as in
+    ``Decoder.forward``)."""
+    if logits.dim() == 2:
+        pred, target = logits.argmax(-1), labels
+    elif logits.dim() == 3:
+        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    else:
+        raise ValueError(f"logits must be (B, C) or (B, T, V), got shape {tuple(logits.shape)}")
+    valid = target != IGNORE_INDEX
+    return int(((pred == target) & valid).sum()), int(valid.sum())
+
+
+def count_items(batch: dict) -> int:
+    """Throughput unit of a batch: tokens for decoders (``input_ids`` elements), else examples."""
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
+    first = next(v for v in batch.values() if isinstance(v, Tensor))
+    return first.shape[0]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Appends records to ``<out_dir>/<name>.jsonl`` (and ``.csv``, TensorBoard under
+    ``<out_dir>/tb``). On resume from ``start_step`` records after it are dropped, so a resumed
+    run's files equal an uninterrupted run's; on a fresh start (``start_step`` 0) files restart."""
+
+    def __init__(self, out_dir: Path, name: str, *, start_step: int, use_csv: bool, tensorboard: bool,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl, self.csv = out_dir / f"{name}.jsonl", (out_dir / f"{name}.csv" if use_csv else None)
+        self.name = name
+        self.records = [r for r in _read_jsonl(self.jsonl) if r["step"] <= start_step] if start_step else []
+        self.writer = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if self.csv is not None:
+            self._rewrite_csv()
+        if tensorboard:
+            self.writer = _tensorboard_writer(out_dir / "tb", purge_step=start_step + 1 if start_step else None)
+
+    def _rewrite_csv(self) -> None:
+        keys = list(dict.fromkeys(k for r in self.records for k in r))
+        with self.csv.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.records)
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.csv is not None:
+            new_keys = set(record) - set(self._csv_keys())
+            if new_keys:  # a column appeared: rewrite with the wider header
+                self._rewrite_csv()
+            else:
+                with self.csv.open("a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self._csv_keys()).writerow(record)
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{self.name}/{k}", v, record["step"])
+
+    def _csv_keys(self) -> list[str]:
+        with self.csv.open() as f:
+            return next(csv.reader(f), [])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(path: Path, purge_step: Optional[int]):
+    """A SummaryWriter, or None when tensorboard is not installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.debug("tensorboard is not installed; skipping TensorBoard logging")
+        return None
+    return SummaryWriter(str(path), purge_step=purge_step)
+
+
+def reduce_sums(values: dict[str, float], reduce) -> dict[str, float]:
+    """Sum scalars over processes with ``reduce(tensor) -> tensor`` (one collective call)."""
+    keys = sorted(values)
+    t = reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, t.tolist()))
