@@ -1,19 +1,22 @@
 """The sparse backend: work only for the (token, head) pairs the router selected.
 
-Heads every token uses (shared heads, the ``all`` router, and most heads at decode time) are
-computed together in contiguous groups without any gather. For every other head, gather the
-tokens that use it, project their queries (only those rows), attend over the keys/values of all
-positions, weight by the gate and project with W_O^h (only those rows), then scatter-add into the
-output. Heads no token uses cost nothing. Keys/values are computed for every token by the caller.
+Heads are split in two groups after one look at the routing (the layer's only host sync):
 
-Attention runs in blocks of ``ROW_BLOCK`` query rows (sorted by position) so the score block stays
-in cache. Under causality a block reads keys only up to its last query, and only the diagonal
-part of the key range (keys past the block's first query) is masked; the prefix every query of
-the block may see is left unmasked. Key padding is one additive bias row. Autograd runs through
-all of it (in-place masking is on fresh matmul outputs, which autograd does not save).
+* *full* heads, used by every token (shared heads, the ``all`` router, most heads of a one-token
+  decode step): contiguous runs of them are computed together with no gather, reading the keys,
+  values and weights as views (no copies, also of the KV cache);
+* *partial* heads, used by some tokens: for all of them at once, gather the rows that use each
+  head (padded to the largest count, padding gated to 0), project only those queries, attend over
+  the keys/values of all positions, weight by the gate, project with W_O^h (only those rows) and
+  add into the output. Heads no token uses cost nothing.
 
-Shape legend: B batch, T queries, S key positions, D width, h heads in a group, M selected rows
-per batch item, hd head width.
+Keys/values are computed for every token by the caller. Attention is fused SDPA; under causality
+gathered rows go in blocks of ``ROW_BLOCK`` (rows are sorted by position), each reading keys only
+up to its last query. Autograd runs through all of it. A fixed number of large operations per
+layer (not a loop over heads) keeps the Python and thread-synchronisation overhead small.
+
+Shape legend: B batch, T queries, S key positions, D width, P heads in a group, M rows per head,
+hd head width.
 """
 from __future__ import annotations
 
@@ -25,97 +28,135 @@ from torch import Tensor
 
 from moh.backends.base import BACKENDS, AttentionCall
 
-ROW_BLOCK = 256  # causal query rows per attention call (keys past a block's last query are skipped)
-
-
-def _select_rows(active_BT: Tensor, counts_B: list[int]) -> tuple[Tensor, Optional[Tensor]]:
-    """Token indices (B, M) of the rows that use a head, ascending; M = the largest count in the
-    batch. Shorter items are padded with T - 1 (so rows stay ascending) and flagged in
-    ``valid_BM`` (False), whose gate must be zeroed."""
-    B, T = active_BT.shape
-    if B == 1:
-        return active_BT[0].nonzero().view(1, -1), None
-    M = max(counts_B)
-    t = torch.arange(T, device=active_BT.device)
-    order = torch.where(active_BT, t, t + T).argsort(dim=1)[:, :M]  # used rows first, ascending
-    valid = torch.arange(M, device=active_BT.device) < active_BT.sum(1, keepdim=True)
-    return torch.where(valid, order, T - 1), valid
+ROW_BLOCK = 128  # causal query rows per score block (tuned on a 2-core CPU, D=768, hd=64)
+# Partial heads are processed a few at a time so their gathered rows (B, P, M, D) stay below
+# glibc's mmap threshold (32 MB): larger temporaries are page-faulted in anew on every call,
+# which cost more than the work on them.
+CHUNK_BYTES = 16 << 20
 
 
 def _attend(
-    call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, qpos_BM: Tensor, mask_BMS: Optional[Tensor], every_row: bool
+    call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, qpos_BPM: Tensor, mask_BPMS: Optional[Tensor], every_row: bool
 ) -> Tensor:
-    """Attention of queries q (B, h, M, hd) at key indices ``qpos_BM`` (ascending) over k, v
-    (B, h, S, hd) with fused SDPA; returns (B, h, M, hd). ``mask_BMS``: per-row bool mask or None
-    (then ``call.key_mask`` (B, 1, S) applies). ``every_row``: the rows are all T queries in order.
-    Rows that may attend to nothing give 0 (SDPA's
-    behaviour for a fully masked row, which ``masked_softmax`` matches)."""
+    """softmax(q k^T * scale) v for q (B, P, M, hd) at key indices ``qpos_BPM`` (B, P or 1, M),
+    ascending along M; k, v (B, P, S, hd). Returns (B, P, M, hd).
+
+    ``mask_BPMS``: per-row bool mask, or None (then the key padding ``call.key_mask`` applies).
+    ``every_row``: the rows are all T queries in order (SDPA's own causal path can be used).
+    Rows that may attend to no key give 0 (as ``masked_softmax`` in the reference).
+    """
+    S = k.shape[2]
+    if not call.causal or call.q_offset >= S - 1:  # bidirectional, or decoding one token
+        if mask_BPMS is None and call.key_mask is not None:
+            mask_BPMS = call.key_mask[:, None]  # (B, 1, 1, S)
+        # fused SDPA; it returns 0 for a fully masked bool row
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BPMS, dropout_p=call.dropout_p, scale=call.scale)
+    if mask_BPMS is None and call.key_mask is None and every_row and call.q_offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout_p, is_causal=True, scale=call.scale)
+    return _causal_blocks(call, q * call.scale, k, v, qpos_BPM, mask_BPMS)
+
+
+def _causal_blocks(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, qpos_BPM: Tensor, mask_BPMS: Optional[Tensor]) -> Tensor:
+    """Causal attention of pre-scaled queries in blocks of ``ROW_BLOCK`` rows. A block reads keys
+    only up to its last query; keys up to its first query are visible to all its rows, so only
+    the diagonal part after them is masked (in place, on the fresh score block)."""
     M, S = q.shape[2], k.shape[2]
-    key_ok = call.key_mask[:, None] if mask_BMS is None and call.key_mask is not None else None  # (B,1,1,S)
-    mask = mask_BMS[:, None] if mask_BMS is not None else key_ok
-    sdpa = lambda q_, k_, v_, m_, causal=False: F.scaled_dot_product_attention(  # noqa: E731
-        q_, k_, v_, attn_mask=m_, dropout_p=call.dropout_p, is_causal=causal, scale=call.scale
-    )
-    if not call.causal or call.q_offset >= S - 1:  # decode: the new token sees every key
-        return sdpa(q, k, v, mask)
-    if mask is None and every_row and call.q_offset == 0:  # all rows, no cache: SDPA's own causal path
-        return sdpa(q, k, v, None, causal=True)
+    neg = torch.finfo(q.dtype).min
+    bias = None  # key padding as one additive row per item
+    if mask_BPMS is None and call.key_mask is not None:
+        bias = torch.zeros(call.key_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~call.key_mask, neg)[:, None]
+    starts = list(range(0, M, ROW_BLOCK))
+    last = [min(s + ROW_BLOCK, M) - 1 for s in starts]
+    bounds = torch.stack([qpos_BPM[..., starts].amin((0, 1)), qpos_BPM[..., last].amax((0, 1))]) + 1
     outs = []
-    for s in range(0, M, ROW_BLOCK):
-        e = min(s + ROW_BLOCK, M)
-        kend = min(int(qpos_BM[:, e - 1].max()) + 1, S)  # the block's last query sees no further
-        allowed = torch.arange(kend, device=q.device) <= qpos_BM[:, None, s:e, None]  # (B,1,rows,kend)
-        if mask is not None:
-            allowed = allowed & mask[:, :, s:e, :kend] if mask.shape[2] > 1 else allowed & mask[..., :kend]
-        outs.append(sdpa(q[:, :, s:e], k[:, :, :kend], v[:, :, :kend], allowed))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    for s, (kdiag, kend) in zip(starts, bounds.clamp(max=S).t().tolist()):
+        rows = slice(s, min(s + ROW_BLOCK, M))
+        scores = q[:, :, rows] @ k[:, :, :kend].transpose(-1, -2)  # (B, P, rows, kend)
+        if bias is not None:
+            scores += bias[..., :kend]
+        if mask_BPMS is not None:
+            scores.masked_fill_(~mask_BPMS[:, :, rows, :kend], neg)
+        if kdiag < kend:
+            future = torch.arange(kdiag, kend, device=q.device) > qpos_BPM[..., rows, None]
+            scores[..., kdiag:kend].masked_fill_(future, neg)
+        probs = torch.softmax(scores, dim=-1)
+        if call.dropout_p > 0:
+            probs = F.dropout(probs, call.dropout_p, training=True)
+        outs.append(probs @ v[:, :, :kend])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    alive = _alive(call, qpos_BPM, mask_BPMS)
+    return out if alive is None else out * alive[..., None]
 
 
-def _kv_heads(call: AttentionCall, h0: int, h1: int) -> tuple[Tensor, Tensor]:
-    """Keys/values read by query heads h0..h1-1, (B, h, S, hd): a view without GQA."""
+def _alive(call: AttentionCall, qpos_BPM: Tensor, mask_BPMS: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, P or 1, M): 0 for causal query rows that may attend to no key, 1 elsewhere; None when
+    no row can be dead (no mask: every query sees at least key 0)."""
+    if mask_BPMS is not None:
+        S = mask_BPMS.shape[-1]
+        return (mask_BPMS & (torch.arange(S, device=qpos_BPM.device) <= qpos_BPM[..., None])).any(-1).to(call.x.dtype)
+    if call.key_mask is None:
+        return None
+    key_ok = call.key_mask[:, 0]  # (B, S)
+    first_ok = torch.where(key_ok.any(-1), key_ok.int().argmax(-1), key_ok.shape[-1])  # (B,)
+    return (first_ok[:, None, None] <= qpos_BPM).to(call.x.dtype)
+
+
+def _kv(call: AttentionCall, heads: list[int]) -> tuple[Tensor, Tensor]:
+    """Keys/values read by query ``heads``, (B, P, S, hd): a view for a contiguous run without
+    grouped-query attention, else one gather along the head axis."""
     H, G = call.routing.num_heads, call.k.shape[1]
-    if G == H:
-        return call.k[:, h0:h1], call.v[:, h0:h1]
-    g = torch.arange(h0, h1, device=call.k.device) // (H // G)
+    if G == H and heads == list(range(heads[0], heads[-1] + 1)):
+        return call.k[:, heads[0] : heads[-1] + 1], call.v[:, heads[0] : heads[-1] + 1]
+    g = torch.tensor([h // (H // G) for h in heads], device=call.k.device)
     return call.k.index_select(1, g), call.v.index_select(1, g)
 
 
-def _dense_group(call: AttentionCall, h0: int, h1: int) -> Tensor:
+def _full_run(call: AttentionCall, h0: int, h1: int) -> Tensor:
     """Heads h0..h1-1, used by every token: no gather. Returns their output (B, T, D)."""
     B, T, D = call.x.shape
     hd = call.k.shape[-1]
-    q = call.attn.project_queries(call.x, slice(h0, h1), call.positions).transpose(1, 2)  # (B,h,T,hd)
-    k, v = _kv_heads(call, h0, h1)
-    qpos = torch.arange(T, device=q.device).expand(B, T) + call.q_offset
-    mask = call.key_mask if call.key_mask is not None and call.key_mask.shape[1] == T else None
-    head = _attend(call, q, k, v, qpos, mask, every_row=True)  # (B, h, T, hd)
+    q = call.attn.project_queries(call.x, slice(h0, h1), call.positions).transpose(1, 2)  # (B,P,T,hd)
+    k, v = _kv(call, list(range(h0, h1)))
+    qpos = None  # key index of every query, only needed by the blocked causal path
+    if call.causal and call.q_offset < k.shape[2] - 1:
+        qpos = (torch.arange(T, device=q.device) + call.q_offset).expand(B, 1, T)
+    mask = call.key_mask[:, None] if call.key_mask is not None and call.key_mask.shape[1] == T else None
+    head = _attend(call, q, k, v, qpos, mask, every_row=True)  # (B, P, T, hd)
     head = head * call.routing.gates_BTH[..., h0:h1].transpose(1, 2)[..., None]
     return head.transpose(1, 2).reshape(B, T, -1) @ call.attn.o_proj.weight[:, h0 * hd : h1 * hd].T
 
 
-def _routed_head(call: AttentionCall, h: int, counts_B: list[int], out_nD: Tensor) -> Tensor:
-    """Head h for the rows that use it only; adds its output into ``out_nD`` (B*T, D)."""
+def _partial_heads(call: AttentionCall, heads: list[int], M: int, out_nD: Tensor) -> Tensor:
+    """``heads`` for the rows that use them only (M = the largest count); adds their output
+    into ``out_nD`` (B*T, D)."""
     x = call.x
     B, T, D = x.shape
-    idx, valid = _select_rows(call.routing.active_BTH[..., h], counts_B)  # (B, M)
-    M = idx.shape[1]
-    flat = (idx + torch.arange(B, device=x.device)[:, None] * T).view(-1) if B > 1 else idx.view(-1)
-    x_rows = x.reshape(B * T, D).index_select(0, flat).view(B, M, D)
-    q = call.attn.project_queries(x_rows, slice(h, h + 1), call.positions.gather(1, idx))  # (B,M,1,hd)
-    k, v = _kv_heads(call, h, h + 1)
+    H, hd, P = call.routing.num_heads, call.k.shape[-1], len(heads)
+    used = call.routing.active_BTH[..., heads].transpose(1, 2)  # (B, P, T)
+    t = torch.arange(T, device=x.device)
+    order = torch.where(used, t, t + T).argsort(dim=-1)[..., :M]  # used rows first, ascending
+    valid = torch.arange(M, device=x.device) < used.sum(-1, keepdim=True)  # (B, P, M)
+    idx = torch.where(valid, order, T - 1)  # padding repeats the last row (keeps rows ascending)
+    flat = (idx + (torch.arange(B, device=x.device) * T)[:, None, None]).view(-1)
+    x_rows = x.reshape(B * T, D).index_select(0, flat).view(B, P, M, D)
+    q = call.attn.project_head_rows(x_rows, heads, call.positions.gather(1, idx.view(B, -1)).view(B, P, M))
+    k, v = _kv(call, heads)
     mask = call.key_mask
-    mask = mask.gather(1, idx[..., None].expand(B, M, mask.shape[-1])) if mask is not None and mask.shape[1] == T else None
-    head = _attend(call, q.transpose(1, 2), k, v, idx + call.q_offset, mask, every_row=False)[:, 0]  # (B,M,hd)
-    gate = call.routing.gates_BTH[..., h].gather(1, idx)  # (B, M)
-    if valid is not None:
-        gate = gate * valid  # padded rows repeat a real row: they must add nothing
-    y = (head * gate[..., None]) @ call.attn.out_weight(h).T  # (B, M, D)
-    return out_nD.index_add_(0, flat, y.reshape(B * M, D))
+    if mask is not None and mask.shape[1] == T:  # per-query mask: the rows' own
+        mask = mask.gather(1, idx.view(B, -1, 1).expand(B, P * M, mask.shape[-1])).view(B, P, M, -1)
+    else:
+        mask = None
+    head = _attend(call, q, k, v, idx + call.q_offset, mask, every_row=False)  # (B, P, M, hd)
+    gate = call.routing.gates_BTH[..., heads].transpose(1, 2).gather(2, idx) * valid  # (B, P, M)
+    # (P, hd, D), made contiguous (a small copy): bmm on the permuted view is many times slower
+    w_out = call.attn.o_proj.weight.view(D, H, hd)[:, heads].permute(1, 2, 0).contiguous()
+    y = (head * gate[..., None]) @ w_out  # (B, P, M, D)
+    return out_nD.index_add_(0, flat, y.reshape(-1, D))
 
 
 def _runs(heads: list[int]) -> list[tuple[int, int]]:
-    """[0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]: contiguous ranges, so a group is one weight slice."""
-    runs = []
+    """[0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]: contiguous ranges, so a run is one weight slice."""
+    runs: list[tuple[int, int]] = []
     for h in heads:
         if runs and runs[-1][1] == h:
             runs[-1] = (runs[-1][0], h + 1)
@@ -128,15 +169,17 @@ def _runs(heads: list[int]) -> list[tuple[int, int]]:
 def sparse_attention(call: AttentionCall) -> Tensor:
     x = call.x
     B, T, D = x.shape
-    r = call.routing
-    counts = r.active_BTH.sum(1).tolist()  # tokens per (item, head); one host sync for the layer
-    per_head = [sum(c[h] for c in counts) for h in range(r.num_heads)]
+    counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
+    per_head = [sum(c[h] for c in counts) for h in range(len(counts[0]))]
     out = None
     for h0, h1 in _runs([h for h, n in enumerate(per_head) if n == B * T]):
-        y = _dense_group(call, h0, h1)
+        y = _full_run(call, h0, h1)
         out = y if out is None else out + y
     out = x.new_zeros(B * T, D) if out is None else out.reshape(B * T, D)
-    for h, n in enumerate(per_head):
-        if 0 < n < B * T:  # heads no token uses are skipped entirely
-            out = _routed_head(call, h, [c[h] for c in counts], out)
+    partial = [h for h, n in enumerate(per_head) if 0 < n < B * T]  # unused heads: skipped
+    rows = max([c[h] for c in counts for h in partial], default=0)
+    step = max(1, CHUNK_BYTES // max(B * rows * D * x.element_size(), 1))
+    for i in range(0, len(partial), step):
+        chunk = partial[i : i + step]
+        out = _partial_heads(call, chunk, max(c[h] for c in counts for h in chunk), out)
     return out.view(B, T, D)

@@ -64,6 +64,21 @@ class MoHAttention(nn.Module):
             q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
         return q
 
+    def project_head_rows(self, x_BPMD: Tensor, heads: list[int], positions_BPM: Tensor) -> Tensor:
+        """Queries of head ``heads[p]`` for the rows ``x_BPMD[:, p]`` (each head its own rows):
+        (B, P, M, D) -> (B, P, M, hd), after qk-norm and RoPE at ``positions_BPM``."""
+        H, hd, D = self.cfg.num_heads, self.cfg.head_dim, self.cfg.dim
+        w = self.q_proj.weight.view(H, hd, D)[heads]  # (P, hd, D)
+        q = x_BPMD @ w.transpose(1, 2)  # (B, P, M, hd)
+        if self.q_proj.bias is not None:
+            q = q + self.q_proj.bias.view(H, hd)[heads][:, None]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(positions_BPM, q.dtype)
+            q = apply_rope(q, cos, sin)
+        return q
+
     def out_weight(self, head: int) -> Tensor:
         """W_O^h as a (D, hd) view."""
         hd = self.cfg.head_dim

@@ -59,15 +59,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, images: torch.Tensor, batch_size: int, repeats: int = 3) -> float:
-    """Best-of-``repeats`` inference images/s over ``images`` (N, C, H, W), eval mode."""
+def inference_seconds(model: nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    """Wall time of one eval-mode pass over ``images`` (N, C, H, W) in batches of ``batch_size``."""
     was_training = model.training
     model.eval()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(0, len(images), batch_size):
-            model(images=images[i : i + batch_size])
-        best = min(best, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        model(images=images[i : i + batch_size])
+    seconds = time.perf_counter() - t0
     model.train(was_training)
-    return len(images) / best
+    return seconds
+
+
+def throughput(model: nn.Module, images: torch.Tensor, batch_size: int, repeats: int = 3) -> float:
+    """Inference images/s: ``len(images)`` over the median of ``repeats`` passes."""
+    times = sorted(inference_seconds(model, images, batch_size) for _ in range(repeats))
+    return len(images) / times[len(times) // 2]

@@ -149,3 +149,10 @@ _TINY = dict(vocab_size=256, max_seq_len=512, dim=128, depth=4, num_heads=8)
 _register("llm-tiny-mha", router="all", **_TINY)
 _register("moh-llm-tiny-75", num_shared=2, top_k=4, **_TINY)
 _register("moh-llm-tiny-50", num_shared=2, top_k=2, **_TINY)
+
+# the demo's decoders (moh demo, in-context recall): 2 layers are the fewest that can learn MQAR
+# (an induction circuit); 8 heads of width 16 so 75% = 2 shared + top-4 of 6, 50% = 2 + top-2
+_DEMO = dict(vocab_size=64, max_seq_len=1024, dim=64, depth=2, num_heads=8, head_dim=16)
+_register("llm-demo-mha", router="all", **_DEMO)
+_register("moh-llm-demo-75", num_shared=2, top_k=4, **_DEMO)
+_register("moh-llm-demo-50", num_shared=2, top_k=2, **_DEMO)

@@ -138,10 +138,11 @@ def _check(cfg: RunConfig) -> None:
 
 
 def _touch_all_params(model: nn.Module) -> Tensor:
-    """0 * (sum of every parameter): adds exact zeros to every gradient, so a parameter no token
-    used this step (e.g. a router row of a head nobody picked) still gets a gradient (zero).
-    That keeps DDP's reducer working without find_unused_parameters (no graph search every step)
-    and makes one process and many processes update such parameters identically."""
+    """0 * (sum of every parameter): adds exact zeros to every gradient, so a parameter the forward
+    did not use this step (a module a variant skips, an extra head of a converted model) gets a
+    zero gradient instead of none. Without it DDP fails ("Expected to have finished reduction");
+    with it DDP needs no find_unused_parameters (a graph search every step), and AdamW treats such
+    a parameter the same in one process and in many (zero gradient: moments decay)."""
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
@@ -207,58 +208,32 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
     ``train.seed`` seeds model init, data order and dropout (process r uses seed + r for
     dropout). With ``train.resume`` the latest checkpoint in ``out_dir/checkpoints`` is restored and
     the run continues exactly where it stopped; without it, old checkpoints there are removed."""
-    from accelerate import Accelerator
-
     _check(cfg)
     t = cfg.train
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = _accelerator()
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out_dir = Path(t.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-
     if model is None:
         torch.manual_seed(t.seed)  # same init on every process
         model = create_model(cfg.model.name, **cfg.model.overrides)
-    if train_data is None:
-        train_data = build_dataset(cfg.data.name, "train", **cfg.data.args)
+    train_data = train_data if train_data is not None else build_dataset(cfg.data.name, "train", **cfg.data.args)
     if eval_data is None:
         eval_data = build_dataset(cfg.data.name, cfg.data.eval_split, **cfg.data.args)
     seed_everything(t.seed + rank)
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
     raw = accelerator.unwrap_model(model)
-
-    start = 0
-    latest = ckpt.latest_checkpoint(ckpt_root) if t.resume else None
-    if t.resume and latest is None:
-        log.warning("resume: no checkpoint in %s; starting from step 0", ckpt_root)
-    if not t.resume and main and ckpt.list_checkpoints(ckpt_root):
-        log.warning("removing old checkpoints in %s (fresh run; pass resume to continue them)", ckpt_root)
-        for p in ckpt.list_checkpoints(ckpt_root):
-            ckpt.remove_dir(p)
-    accelerator.wait_for_everyone()
-
     sampler = ResumableBatchSampler(len(train_data), t.batch_size, seed=t.seed, rank=rank, world_size=world)
-    if latest is not None:  # last: restores the generators, nothing may draw from them after
-        state = ckpt.load_checkpoint(latest, model=raw, optimizer=optimizer, rank=rank)
-        start = state["step"]
-        sampler.start = state["micro_batches"]
-        log.info("resumed from %s (step %d)", latest, start)
+    start = _restore_or_clean(cfg, accelerator, raw, optimizer, sampler)  # last use of the generators' old state
     # the loader gets its own generator so creating its iterator leaves torch's global RNG alone
-    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=t.num_workers,
-                        generator=torch.Generator().manual_seed(t.seed))
-    batches = iter(loader)
-
+    batches = iter(DataLoader(train_data, batch_sampler=sampler, num_workers=t.num_workers,
+                              generator=torch.Generator().manual_seed(t.seed)))
     metrics = MetricsLogger(out_dir, "metrics", start_step=start, use_csv=t.metrics_csv, tensorboard=t.tensorboard,
                             enabled=main)
     evals = MetricsLogger(out_dir, "eval", start_step=start, use_csv=t.metrics_csv, tensorboard=False, enabled=main)
     if main:
         cfg.save(out_dir / "config.yaml")
-    window = _Window()
-    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main and sys.stderr.isatty()),
-               desc="train")
-    reduce = lambda x: accelerator.reduce(x, "sum")  # noqa: E731
-    t_run = time.perf_counter()
+    bar = tqdm(total=t.steps, initial=start, desc="train", disable=not (t.progress and main and sys.stderr.isatty()))
+    window, t_run = _Window(), time.perf_counter()
     for step in range(start, t.steps):
         lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, total_steps=t.steps,
                    min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -268,32 +243,69 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
         local = _train_step(model, optimizer, accelerator, [next(batches) for _ in range(t.grad_accum)], cfg, window)
         seconds = time.perf_counter() - t0
         window.seconds += seconds  # step time only: logging, eval, saving excluded
-        done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{local['loss']:.3f}", acc=f"{local['correct'] / max(local['count'], 1):.3f}",
                         items_s=f"{local['items'] * world / seconds:.0f}", heads=f"{local['heads_active']:.2f}",
                         refresh=False)
-        if done % t.log_every == 0 or done == t.steps:
-            metrics.log(_log_record(window, done, lr, world, reduce))
-        if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-            evals.log({"step": done, **evaluate(raw, eval_data, t.batch_size, t.eval_batches)})
-        if (t.save_every and done % t.save_every == 0) or done == t.steps:
-            ckpt.save_checkpoint(ckpt_root, done, model=raw, optimizer=optimizer,
-                                 state={"micro_batches": done * t.grad_accum, "world_size": world},
-                                 rank=rank, barrier=accelerator.wait_for_everyone, keep_last=t.keep_last)
+        _after_step(step + 1, cfg, accelerator, raw, optimizer, eval_data, window, lr, metrics, evals)
     bar.close()
-    train_time = time.perf_counter() - t_run
-
     final = evaluate(raw, eval_data, t.batch_size, t.eval_batches)
     evals.log({"step": t.steps, **final})
     if main:
         ckpt.save_weights(raw, out_dir / "model.safetensors")
-        summary = dict(final, step=t.steps, train_time_s=train_time, resumed_from=start)
+        summary = dict(final, step=t.steps, train_time_s=time.perf_counter() - t_run, resumed_from=start)
         ckpt.atomic_write_text(out_dir / "final.json", json.dumps(summary, indent=1))
     metrics.close()
     evals.close()
     accelerator.wait_for_everyone()
     return FitResult(model=raw, history=metrics.records, eval=final, out_dir=out_dir)
+
+
+def _accelerator():
+    from accelerate import Accelerator, DistributedType
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # unwrap_model would hand sharded parameters to the checkpoint writer: refuse, don't corrupt
+        raise ValueError("FSDP is not supported yet: checkpoints need gathered state dicts; use DDP (torchrun)")
+    return accelerator
+
+
+def _restore_or_clean(cfg: RunConfig, accelerator, raw: nn.Module, optimizer, sampler: ResumableBatchSampler) -> int:
+    """Resume: load the latest checkpoint (model, optimizer, generators, data position) and return
+    its step. Fresh run: remove old checkpoints (they belong to another run) and return 0."""
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    if not cfg.train.resume:
+        if accelerator.is_main_process and ckpt.list_checkpoints(root):
+            log.warning("removing old checkpoints in %s (fresh run; pass resume to continue them)", root)
+            for p in ckpt.list_checkpoints(root):
+                ckpt.remove_dir(p)
+        accelerator.wait_for_everyone()
+        return 0
+    latest = ckpt.latest_checkpoint(root)
+    if latest is None:
+        log.warning("resume: no checkpoint in %s; starting from step 0", root)
+        return 0
+    state = ckpt.load_checkpoint(latest, model=raw, optimizer=optimizer, rank=accelerator.process_index)
+    if state["step"] > cfg.train.steps:
+        raise ValueError(f"train.steps={cfg.train.steps} but the checkpoint {latest} is already at step {state['step']}")
+    sampler.start = state["micro_batches"]
+    log.info("resumed from %s (step %d)", latest, state["step"])
+    return state["step"]
+
+
+def _after_step(done: int, cfg: RunConfig, accelerator, raw, optimizer, eval_data, window, lr, metrics, evals) -> None:
+    """Logging, periodic evaluation and checkpointing after ``done`` optimizer steps."""
+    t = cfg.train
+    if done % t.log_every == 0 or done == t.steps:
+        metrics.log(_log_record(window, done, lr, accelerator.num_processes, lambda x: accelerator.reduce(x, "sum")))
+    if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+        evals.log({"step": done, **evaluate(raw, eval_data, t.batch_size, t.eval_batches)})
+    if (t.save_every and done % t.save_every == 0) or done == t.steps:
+        ckpt.save_checkpoint(Path(t.out_dir) / "checkpoints", done, model=raw, optimizer=optimizer,
+                             state={"micro_batches": done * t.grad_accum, "world_size": accelerator.num_processes},
+                             rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+                             keep_last=t.keep_last)
 
 
 def _log_record(window: _Window, step: int, lr: float, world: int, reduce) -> dict:
