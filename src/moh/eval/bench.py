@@ -291,8 +291,16 @@ def format_table(rows: list[Row]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     args = _resolve(args)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # callers (tests) keep their own setting
+
+
+def _run(args: argparse.Namespace) -> int:
     info = machine_info()
     print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} | {info['platform']}")
     print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | median of {args.repeats} (interleaved), {args.warmup} warm-up")
