@@ -10,13 +10,13 @@ from moh.eval.bench import head_split
 def test_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--quick", "--seq-lens", "16", "--decode-contexts", "16", "--train-seq-len", "16",
-            "--ratios", "50", "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(out)]
+            "--ratios", "50", "--repeats", "2", "--warmup", "0", "--threads", "1", "--clock", "cpu", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "vs SDPA" in printed and "threads 1" in printed
     data = json.loads(out.read_text())
     assert {"platform", "cpu", "threads", "torch", "date"} <= set(data["machine"])
-    assert data["machine"]["threads"] == 1
+    assert data["machine"]["threads"] == 1 and data["settings"]["clock"] == "cpu"
     rows = data["results"]
     kinds = {(r["kind"], r["causal"]) for r in rows}
     assert kinds == {("forward", False), ("forward", True), ("decode", True), ("train", False), ("train", True)}
@@ -39,6 +39,8 @@ def test_bench_bad_options_exit_2(tmp_path, capsys):
     assert main(["bench", "--quick", "--backends", "nope", "--out", str(tmp_path / "x.json")]) == 2
     assert "'nope'" in capsys.readouterr().err
     assert main(["bench", "--quick", "--ratios", "150", "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["bench", "--quick", "--clock", "cpu", "--threads", "2", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--threads 1" in capsys.readouterr().err
 
 
 def test_head_split_matches_the_brief():

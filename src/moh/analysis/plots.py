@@ -29,6 +29,11 @@ def _head_labels(H: int, num_shared: int) -> list[str]:
     return [f"{'s' if h < num_shared else 'r'}{h}" for h in range(H)]
 
 
+def _title(run: str, what: str) -> str:
+    """The run's title on its own line, so narrow figures do not clip it."""
+    return f"{run}\n{what}" if run else what
+
+
 def _short(name: str, n: int = 14) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
@@ -53,7 +58,7 @@ def plot_head_load(rec: RoutingRecord, path: Path, title: str) -> Path:
         if l // cols == rows - 1 or l + cols >= L:
             ax.set_xlabel("head (s = shared, r = routed)", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of the group's tokens using the head")
-    fig.suptitle(f"{title}head load per group".strip(), fontsize=11)
+    fig.suptitle(_title(title, "head load per group (fraction of the group's tokens using each head)"), fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -72,7 +77,7 @@ def plot_head_choice(rec: RoutingRecord, path: Path, title: str) -> Path:
     ax.set_yticks(range(L), [f"layer {l} ({rec.num_shared[l]}s)" for l in range(L)], fontsize=8)
     ax.set_xlabel("head (the first (N)s heads of a layer are shared)", fontsize=8)
     fig.colorbar(im, ax=ax, label="fraction of tokens using the head")
-    ax.set_title(f"{title}how often each head is used".strip(), fontsize=10)
+    ax.set_title(_title(title, "how often each head is used"), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -94,7 +99,7 @@ def plot_entropy(rec: RoutingRecord, path: Path, title: str) -> Path:
     ax.set_ylabel("entropy (nats)")
     ax.set_ylim(0, max(max_ent + [float(np.nanmax(ent)) if have.any() else 0.0, 0.1]) * 1.35)
     ax.legend(fontsize=7, loc="upper center", ncol=2)
-    ax.set_title(f"{title}router entropy per layer".strip(), fontsize=10)
+    ax.set_title(_title(title, "router entropy per layer"), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -114,7 +119,7 @@ def plot_active_fraction(rec: RoutingRecord, path: Path, title: str) -> Path:
     ax.set_ylabel("fraction of heads active")
     ax.set_ylim(0, 1.3)
     ax.legend(fontsize=7, loc="upper center", ncol=2)
-    ax.set_title(f"{title}heads active per layer".strip(), fontsize=10)
+    ax.set_title(_title(title, "heads active per layer"), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -124,12 +129,11 @@ def write_pictures(rec: RoutingRecord, out_dir: str | Path, title: str = "") -> 
     """Write every picture and ``routing_summary.json`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = f"{title}: " if title else ""
     paths = [
-        plot_head_load(rec, out / "head_load.png", prefix),
-        plot_head_choice(rec, out / "head_choice.png", prefix),
-        plot_entropy(rec, out / "router_entropy.png", prefix),
-        plot_active_fraction(rec, out / "active_fraction.png", prefix),
+        plot_head_load(rec, out / "head_load.png", title),
+        plot_head_choice(rec, out / "head_choice.png", title),
+        plot_entropy(rec, out / "router_entropy.png", title),
+        plot_active_fraction(rec, out / "active_fraction.png", title),
     ]
     summary = out / "routing_summary.json"
     summary.write_text(json.dumps({"title": title, **rec.summary()}, indent=1))

@@ -3,14 +3,15 @@
 
 One example of length T with N key-value pairs and Q queries (Q <= N):
 
-    k1 v1 k2 v2 ... kN vN | 0 0 kq1 vq1 0 kq2 vq2 0 0 ...
-    '---- context, 2N ----'  '--- queries at random slots, filler 0 elsewhere ---'
+    k1 v1 k2 v2 ... kN vN | 0 0 kq1 0 0 0 kq2 0 0 ...
+    '---- context, 2N ----'  '--- query keys at random even slots, filler 0 elsewhere ---'
 
 Keys come from ids [1, V/2), values from [V/2, V); 0 is the filler. The queried keys are distinct
-keys of the context in random order. A query key sits at position t and its value at t + 1, in the
-input too, so the sequence reads like text; ``labels`` is -100 everywhere except at the values
-that follow a query key (the decoder's logits at t predict labels[t + 1]). So the loss and the
-accuracy count exactly the recalled values.
+keys of the context in random order. ``labels`` is -100 everywhere except right after each query
+key, where it holds that key's value (the decoder's logits at t predict labels[t + 1]), so the loss
+and the accuracy count exactly the recalled values. As in Zoology, the answers are *not* written
+into the input: if they were, a model could answer the last queries by elimination (the context
+value not yet answered) without recalling anything, and small models get stuck on that shortcut.
 
 Every item is a pure function of (seed, split, index): the per-item generator is seeded with the
 three numbers through numpy's ``SeedSequence`` (a hash, so neighbouring seeds or indices give
@@ -79,7 +80,7 @@ class MQAR(Dataset):
         free_pairs = (T - 2 * N) // 2
         slots_Q = np.sort(rng.permutation(free_pairs)[:Q]) * 2 + 2 * N
         which_Q = rng.permutation(N)[:Q]  # which pairs are asked, in random order
-        ids_T[slots_Q], ids_T[slots_Q + 1] = keys_N[which_Q], values_N[which_Q]
+        ids_T[slots_Q] = keys_N[which_Q]  # the answer slot after each query stays filler
         labels_T = np.full(T, IGNORE, dtype=np.int64)
         labels_T[slots_Q + 1] = values_N[which_Q]
         return {"input_ids": torch.from_numpy(ids_T), "labels": torch.from_numpy(labels_T)}
@@ -92,7 +93,7 @@ class MQAR(Dataset):
 
 def token_groups(input_ids_BT: Tensor, labels_BT: Tensor, num_kv_pairs: int) -> Tensor:
     """Per-token role (B, T) for routing analysis: 0 context key, 1 context value, 2 query key
-    (the token whose next-token prediction is a recall), 3 other (filler, query values)."""
+    (the token whose next-token prediction is a recall), 3 other (filler)."""
     B, T = input_ids_BT.shape
     t = torch.arange(T, device=input_ids_BT.device).expand(B, T)
     group = torch.full((B, T), 3, dtype=torch.long, device=input_ids_BT.device)

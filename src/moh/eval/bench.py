@@ -159,7 +159,9 @@ def peak_bytes(fn: Callable[[], None]) -> int:
     return max(totals, default=0)
 
 
-def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(
+    calls: dict, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
     """Milliseconds of every repeat; each round runs every candidate once, in a rotating order."""
     names = list(calls)
     for _ in range(warmup):
@@ -168,9 +170,9 @@ def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, warmup:
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             calls[n]()
-            times[n].append((time.perf_counter() - t0) * 1e3)
+            times[n].append((clock() - t0) * 1e3)
     return times
 
 
@@ -188,7 +190,8 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
     calls, actives = {}, {}
     for key, layer in layers.items():
         calls[key], actives[key] = _make_call(layer, kind, x, ctx, is_moh=key[0] != "sdpa")
-    times = time_interleaved(calls, args.repeats, args.warmup)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = time_interleaved(calls, args.repeats, args.warmup, clock)
     rows = []
     for key, ts in times.items():
         peak = peak_bytes(calls[key]) / 2**20
@@ -229,14 +232,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, help=f"attention heads H (default {DEFAULTS['heads']})")
     p.add_argument("--head-dim", type=int, help=f"head width (default {DEFAULTS['head_dim']})")
     p.add_argument("--seq-lens", help=f"forward sequence lengths (default {DEFAULTS['seq_lens']})")
-    p.add_argument("--decode-contexts", help=f"KV-cache lengths for the decode step (default {DEFAULTS['decode_contexts']}; '' skips)")
-    p.add_argument("--train-seq-len", type=int, help=f"tokens of the training step (default {DEFAULTS['train_seq_len']}; 0 skips)")
+    p.add_argument("--decode-contexts",
+                   help=f"KV-cache lengths for the decode step (default {DEFAULTS['decode_contexts']}; '' skips)")
+    p.add_argument("--train-seq-len", type=int,
+                   help=f"tokens of the training step (default {DEFAULTS['train_seq_len']}; 0 skips)")
     p.add_argument("--ratios", default="50,75,90,100", help="active-head percents (100 = router 'all'; always added)")
     p.add_argument("--backends", default="sparse,masked", help="comma-separated backends (reference is slow)")
     p.add_argument("--repeats", type=int, help=f"timed repeats per candidate (default {DEFAULTS['repeats']})")
     p.add_argument("--warmup", type=int, help=f"untimed runs per candidate (default {DEFAULTS['warmup']})")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: CPU time of this process (needs --threads 1; not inflated "
+                        "by other processes sharing the machine)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, about a minute or less (tests, a first look)")
     p.add_argument("--out", default="results/bench.json", help="JSON file to write")
 
@@ -258,8 +266,14 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("dim", "heads", "head_dim", "repeats", "batch"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
-    if args.warmup < 0 or args.threads < 0 or args.train_seq_len < 0 or any(n <= 0 for n in args.seq_lens + args.decode_contexts):
-        raise ValueError("--warmup, --threads, --train-seq-len and the lengths must not be negative (lengths > 0)")
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError(f"--clock cpu needs --threads 1 (CPU time sums all threads), got --threads {args.threads}")
+    lengths = args.seq_lens + args.decode_contexts
+    if args.warmup < 0 or args.threads < 0 or args.train_seq_len < 0 or any(n <= 0 for n in lengths):
+        raise ValueError(
+            f"--warmup={args.warmup}, --threads={args.threads}, --train-seq-len={args.train_seq_len} must be >= 0 "
+            f"and the lengths {lengths} > 0"
+        )
     return args
 
 
@@ -278,7 +292,8 @@ def machine_info() -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'kind':8s} {'N/ctx':>6s} {'mask':6s} {'backend':8s} {'active':>6s} {'ms':>9s} {'peak MB':>8s} {'vs SDPA':>8s} {'vs all':>7s}"
+    head = (f"{'kind':8s} {'N/ctx':>6s} {'mask':6s} {'backend':8s} {'active':>6s} {'ms':>9s} {'peak MB':>8s} "
+            f"{'vs SDPA':>8s} {'vs all':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         vs_all = f"{r.vs_all_heads:6.2f}x" if r.vs_all_heads else f"{'-':>7s}"
@@ -302,8 +317,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     info = machine_info()
-    print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} | {info['platform']}")
-    print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | median of {args.repeats} (interleaved), {args.warmup} warm-up")
+    print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} "
+          f"| {info['platform']}")
+    print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | median of {args.repeats} (interleaved), "
+          f"{args.warmup} warm-up | {args.clock} clock | load average {os.getloadavg()[0]:.1f}")
     cases = [("forward", n, c) for n in args.seq_lens for c in (False, True)]
     cases += [("decode", n, True) for n in args.decode_contexts]
     if args.train_seq_len:
@@ -314,7 +331,8 @@ def _run(args: argparse.Namespace) -> int:
         rows += run_case(args, kind, n, causal)
     print(format_table(rows))
     settings = {k: getattr(args, k) for k in ("dim", "heads", "head_dim", "batch", "seq_lens", "decode_contexts",
-                                              "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick")}
+                                              "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick", "clock")}
+    info["load_average_1min"] = os.getloadavg()[0]  # other processes on the machine distort wall times
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=info, settings=settings, results=[asdict(r) for r in rows]), indent=1))
