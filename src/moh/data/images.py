@@ -17,7 +17,6 @@ import logging
 import shutil
 import socket
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
