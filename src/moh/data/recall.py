@@ -1,13 +1,14 @@
 """Multi-query associative recall (MQAR), the in-context recall probe of the Zoology paper
 (Arora et al., 2023, arXiv 2312.04927), generated on the fly: nothing to download.
 
-One example of length T with N key-value pairs and Q queries (Q <= N):
+One example of length T with N key-value pairs and Q queries:
 
     k1 v1 k2 v2 ... kN vN | 0 0 kq1 0 0 0 kq2 0 0 ...
     '---- context, 2N ----'  '--- query keys at random even slots, filler 0 elsewhere ---'
 
 Keys come from ids [1, V/2), values from [V/2, V); 0 is the filler. The queried keys are distinct
-keys of the context in random order. ``labels`` is -100 everywhere except right after each query
+keys of the context in random order; with Q > N every key is asked once per round of N queries
+(each round in a fresh random order), so more supervised positions fit in one sequence. ``labels`` is -100 everywhere except right after each query
 key, where it holds that key's value (the decoder's logits at t predict labels[t + 1]), so the loss
 and the accuracy count exactly the recalled values. As in Zoology, the answers are *not* written
 into the input: if they were, a model could answer the last queries by elimination (the context
@@ -52,7 +53,7 @@ class MQAR(Dataset):
         checks = [
             (num_examples >= 1, f"num_examples={num_examples} must be >= 1"),
             (num_kv_pairs >= 1, f"num_kv_pairs={num_kv_pairs} must be >= 1"),
-            (1 <= num_queries <= num_kv_pairs, f"num_queries={num_queries} must be in [1, num_kv_pairs={num_kv_pairs}]"),
+            (num_queries >= 1, f"num_queries={num_queries} must be >= 1"),
             (half - 1 >= num_kv_pairs, f"vocab_size={vocab_size} leaves {half - 1} key ids for num_kv_pairs={num_kv_pairs}"),
             (vocab_size - half >= num_kv_pairs, f"vocab_size={vocab_size} leaves {vocab_size - half} value ids for num_kv_pairs={num_kv_pairs}"),
             # each query takes two slots (key, value) after the context
@@ -79,7 +80,8 @@ class MQAR(Dataset):
         # Q query slots among the free pairs of positions after the context, in order
         free_pairs = (T - 2 * N) // 2
         slots_Q = np.sort(rng.permutation(free_pairs)[:Q]) * 2 + 2 * N
-        which_Q = rng.permutation(N)[:Q]  # which pairs are asked, in random order
+        # which pairs are asked: a random order of all N, again for each further round (Q > N)
+        which_Q = np.concatenate([rng.permutation(N) for _ in range(-(-Q // N))])[:Q]
         ids_T[slots_Q] = keys_N[which_Q]  # the answer slot after each query stays filler
         labels_T = np.full(T, IGNORE, dtype=np.int64)
         labels_T[slots_Q + 1] = values_N[which_Q]
