@@ -81,10 +81,29 @@ def test_token_groups_mark_roles():
     assert (g[12:][g[12:] != 2] == 3).all()
 
 
+def test_more_queries_than_pairs_ask_every_key_once_per_round():
+    """Q = 2N + 1: each key is asked twice in the first 2N queries (one random order per round)
+    plus once more; every answer is still its key's value and never in the input."""
+    ds = build_dataset("mqar", "train", **{**ARGS, "num_kv_pairs": 3, "num_queries": 7, "seq_len": 24})
+    orders = set()
+    for i in range(len(ds)):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        pairs = _pairs(ids, 3)
+        answers = (labels != IGNORE).nonzero().squeeze(1).tolist()
+        assert len(answers) == 7
+        asked = [int(ids[t - 1]) for t in answers]
+        assert [int(labels[t]) for t in answers] == [pairs[k] for k in asked]
+        assert all(int(ids[t]) == FILLER for t in answers)
+        assert sorted(asked[:3]) == sorted(asked[3:6]) == sorted(pairs) and asked[6] in pairs
+        orders.add(tuple(sorted(pairs).index(k) for k in asked[:3]))
+    assert len(orders) > 1  # the rounds are shuffled, not a fixed pattern
+
+
 @pytest.mark.parametrize(
     "bad, word",
     [
-        (dict(num_queries=7), "num_queries"),
+        (dict(num_queries=0), "num_queries"),
+        (dict(num_queries=15), "seq_len"),  # 2*6 + 2*15 > 40 tokens
         (dict(vocab_size=12), "vocab_size"),
         (dict(seq_len=20), "seq_len"),
         (dict(num_examples=0), "num_examples"),
