@@ -57,7 +57,7 @@ def plot_head_load(rec: RoutingRecord, path: Path, title: str) -> Path:
         ax.set_yticks(range(G), [_short(g) for g in rec.group_names] if l % cols == 0 else [""] * G, fontsize=7)
         if l // cols == rows - 1 or l + cols >= L:
             ax.set_xlabel("head (s = shared, r = routed)", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of the group's tokens using the head")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of tokens")  # long labels get clipped
     fig.suptitle(_title(title, "head load per group (fraction of the group's tokens using each head)"), fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
