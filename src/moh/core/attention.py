@@ -57,12 +57,7 @@ class MoHAttention(nn.Module):
         w = self.q_proj.weight.view(H, hd, D)[heads].reshape(-1, D)
         b = None if self.q_proj.bias is None else self.q_proj.bias.view(H, hd)[heads].reshape(-1)
         q = nn.functional.linear(x_nD, w, b).unflatten(-1, (-1, hd))
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(positions_n, q.dtype)
-            q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
-        return q
+        return self._norm_rope(q, positions_n.unsqueeze(-1))
 
     def project_head_rows(self, x_BPMD: Tensor, heads: list[int], positions_BPM: Tensor) -> Tensor:
         """Queries of head ``heads[p]`` for the rows ``x_BPMD[:, p]`` (each head its own rows):
@@ -72,10 +67,14 @@ class MoHAttention(nn.Module):
         q = x_BPMD @ w.transpose(1, 2)  # (B, P, M, hd)
         if self.q_proj.bias is not None:
             q = q + self.q_proj.bias.view(H, hd)[heads][:, None]
+        return self._norm_rope(q, positions_BPM)
+
+    def _norm_rope(self, q: Tensor, positions: Tensor) -> Tensor:
+        """qk-norm and RoPE of queries q (..., hd); ``positions`` broadcast to q's leading shape."""
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(positions_BPM, q.dtype)
+            cos, sin = self.rotary.cos_sin(positions, q.dtype)
             q = apply_rope(q, cos, sin)
         return q
 
