@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 CONFIG_DIR = Path("configs")
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.out_dir={args.out_dir}")
     cfg = RunConfig.load(_config_path(args.config), overrides)
     result = fit(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: one summary
+        return 0
     last = result.history[-1] if result.history else {}
     ev = result.eval
     print(f"model {cfg.model.name}  data {cfg.data.name}  steps {cfg.train.steps}  out {result.out_dir}")
