@@ -21,12 +21,14 @@ Shape legend: B batch, N tokens, D width, H heads, hd head width.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -145,11 +147,26 @@ def _make_call(layer: nn.Module, kind: str, x: Tensor, ctx: Optional[Tensor], is
     return call, active
 
 
+@contextlib.contextmanager
+def _quiet_fd2():
+    """The profiler's C++ side writes a line to file descriptor 2 at every start and stop
+    (hundreds per run); point fd 2 at /dev/null meanwhile. Exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes(fn: Callable[[], None]) -> int:
     """Peak bytes allocated by torch's CPU allocator during ``fn()``, above the level at its start."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
