@@ -83,10 +83,26 @@ def plot_head_choice(rec: RoutingRecord, path: Path, title: str) -> Path:
     return path
 
 
+def _layer_bar_figure(L: int):
+    """A figure with one x position per layer (bar charts of per-layer numbers)."""
+    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * L, 3.2), constrained_layout=True)
+    ax.set_xticks(np.arange(L), [str(l) for l in range(L)])
+    ax.set_xlabel("layer")
+    return fig, ax
+
+
+def _finish_layer_bars(fig, ax, path: Path, title: str, what: str) -> Path:
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    ax.set_title(_title(title, what), fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_entropy(rec: RoutingRecord, path: Path, title: str) -> Path:
     ent = rec.entropy.numpy()
     L = len(ent)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * L, 3.2), constrained_layout=True)
+    fig, ax = _layer_bar_figure(L)
     x = np.arange(L)
     have = ~np.isnan(ent)
     ax.bar(x[have], ent[have], color="tab:blue", label="mean router entropy")
@@ -94,35 +110,23 @@ def plot_entropy(rec: RoutingRecord, path: Path, title: str) -> Path:
     ax.plot(x, max_ent, "k_", markersize=18, mew=2, label="uniform: log(routed heads)")
     for l in np.flatnonzero(~have):
         ax.text(l, 0.02, "no router\nprobabilities", ha="center", va="bottom", fontsize=6, rotation=90)
-    ax.set_xticks(x, [str(l) for l in range(L)])
-    ax.set_xlabel("layer")
     ax.set_ylabel("entropy (nats)")
     ax.set_ylim(0, max(max_ent + [float(np.nanmax(ent)) if have.any() else 0.0, 0.1]) * 1.35)
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
-    ax.set_title(_title(title, "router entropy per layer"), fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_layer_bars(fig, ax, path, title, "router entropy per layer")
 
 
 def plot_active_fraction(rec: RoutingRecord, path: Path, title: str) -> Path:
     act = rec.active_fraction.numpy()
     L = len(act)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * L, 3.2), constrained_layout=True)
+    fig, ax = _layer_bar_figure(L)
     x = np.arange(L)
     ax.bar(x, act, color="tab:green", label="measured")
     ax.plot(x, rec.expected_fraction, "k_", markersize=18, mew=2, label="configured")
     for l, a in enumerate(act):
         ax.text(l, a + 0.01, f"{a:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, [str(l) for l in range(L)])
-    ax.set_xlabel("layer")
     ax.set_ylabel("fraction of heads active")
     ax.set_ylim(0, 1.3)
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
-    ax.set_title(_title(title, "heads active per layer"), fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_layer_bars(fig, ax, path, title, "heads active per layer")
 
 
 def write_pictures(rec: RoutingRecord, out_dir: str | Path, title: str = "") -> list[Path]:
