@@ -32,6 +32,7 @@ class AttentionCall:
     scale: float
     dropout_p: float  # already 0 in eval mode
     attn: "MoHAttention"  # project_queries(...), out_weight(h)
+    raw_q: Optional[Tensor] = None  # (B, T, H, hd) query projection before qk-norm/RoPE, if the router made it
 
 
 def full_mask(call: AttentionCall) -> Optional[Tensor]:

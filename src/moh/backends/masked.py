@@ -15,7 +15,7 @@ def masked_attention(call: AttentionCall) -> Tensor:
     B, T, D = call.x.shape
     H = call.routing.num_heads
     G = call.k.shape[1]
-    q = call.attn.project_queries(call.x, slice(None), call.positions).transpose(1, 2)  # (B,H,T,hd)
+    q = call.attn.project_queries(call.x, slice(None), call.positions, call.raw_q).transpose(1, 2)  # (B,H,T,hd)
     k, v = call.k, call.v
     if G != H:
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)

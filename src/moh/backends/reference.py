@@ -22,6 +22,7 @@ def reference_attention(call: AttentionCall) -> Tensor:
     for h in range(H):
         g = h // (H // G)  # the key/value head this query head reads (grouped-query attention)
         q = call.attn.project_queries(call.x, slice(h, h + 1), call.positions)[:, :, 0]  # (B,T,hd)
+        # (projects its own queries, never reuses call.raw_q: the other backends' reuse is checked against it)
         scores = q @ call.k[:, g].transpose(-1, -2) * call.scale  # (B, T, S)
         probs = masked_softmax(scores, mask)
         probs = F.dropout(probs, call.dropout_p, training=call.dropout_p > 0)

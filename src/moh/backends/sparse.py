@@ -28,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moh.backends.base import BACKENDS, AttentionCall
+from moh.backends.base import BACKENDS, AttentionCall, masked_softmax
 
 ROW_BLOCK = 128  # causal query rows per score block (tuned on a 2-core CPU, D=768, hd=64)
 # Partial heads are processed a few at a time so their gathered rows (B, P, M, D) stay near this
 # size: measured faster than one large batch (at 75% heads, N=2048, D=768: 284 vs 322 ms CPU),
 # large temporaries being slow to allocate and falling out of cache.
 CHUNK_BYTES = 8 << 20
+FLASH_BLOCK = 128  # rows per block of ``_causal_flash``
+FEW_ROWS = 4  # query rows per head up to which plain matmuls replace SDPA (decode steps)
 
 
 def _attend(
@@ -51,11 +53,85 @@ def _attend(
     if not call.causal or call.q_offset >= S - 1:  # bidirectional, or decoding one token
         if mask_BPMS is None and call.key_mask is not None:
             mask_BPMS = call.key_mask[:, None]  # (B, 1, 1, S)
+        if q.shape[2] <= FEW_ROWS and call.dropout_p == 0:
+            # a decode step: CPU SDPA on a few query rows of a few heads is several times slower
+            # than two matmuls (measured 1.7 vs 0.8 ms for 6 heads in 4 runs over a 4k cache)
+            probs = masked_softmax((q * call.scale) @ k.transpose(-1, -2), mask_BPMS)
+            return probs @ v
         # fused SDPA; it returns 0 for a fully masked bool row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BPMS, dropout_p=call.dropout_p, scale=call.scale)
     if mask_BPMS is None and call.key_mask is None and every_row and call.q_offset == 0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout_p, is_causal=True, scale=call.scale)
+    if mask_BPMS is None and call.key_mask is None and call.dropout_p == 0 and q.dtype == torch.float32:
+        return _causal_flash(q, k, v, qpos_BPM, call.scale)
     return _causal_blocks(call, q * call.scale, k, v, qpos_BPM, mask_BPMS)
+
+
+def _causal_flash(q: Tensor, k: Tensor, v: Tensor, qpos_BPM: Tensor, scale: float) -> Tensor:
+    """Causal attention of rows at ascending key indices ``qpos_BPM`` with torch's fused CPU flash
+    kernel, in blocks of ``FLASH_BLOCK`` rows: keys before a block's first row are visible to all
+    its rows (one unmasked flash call), keys from its first to its last row need a mask (a second,
+    small call); the two partial softmaxes are merged through their log-sum-exps. 1.5-2x faster
+    than ``_causal_blocks`` (scores never leave the cache); used without padding or dropout."""
+    M = q.shape[2]
+    starts = list(range(0, M, FLASH_BLOCK))
+    last = [min(s + FLASH_BLOCK, M) - 1 for s in starts]
+    bounds = torch.stack([qpos_BPM[..., starts].amin((0, 1)), qpos_BPM[..., last].amax((0, 1)) + 1])
+    blocks = [(s, min(s + FLASH_BLOCK, M), kd, ke) for s, (kd, ke) in zip(starts, bounds.t().tolist())]
+    neg = torch.finfo(q.dtype).min
+    biases = []  # additive mask of each block's diagonal part (B, P or 1, rows, ke - kd)
+    for s, e, kd, ke in blocks:
+        future = torch.arange(kd, ke, device=q.device) > qpos_BPM[..., s:e, None]
+        biases.append(torch.zeros(future.shape, dtype=q.dtype, device=q.device).masked_fill_(future, neg))
+    return _FlashCausalRows.apply(q, k, v, blocks, biases, scale)
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _FlashCausalRows(torch.autograd.Function):
+    """See ``_causal_flash``. Backward: the flash backward of each key part, given the *merged*
+    output and log-sum-exp, is exactly the gradient through that part's keys (the softmax
+    statistics it recomputes are the global ones), so the parts' gradients simply add up."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, biases, scale):  # type: ignore[override]
+        outs, lses = [], []
+        for (s, e, kd, ke), bias in zip(blocks, biases):
+            qb = q[:, :, s:e]
+            o, lse = _flash(qb, k[:, :, kd:ke], v[:, :, kd:ke], attn_mask=bias.expand(*qb.shape[:2], -1, -1), scale=scale)
+            if kd > 0:  # merge with the part every row sees
+                o1, lse1 = _flash(qb, k[:, :, :kd], v[:, :, :kd], scale=scale)
+                merged = torch.logaddexp(lse, lse1)
+                o = o * (lse - merged).exp().unsqueeze(-1) + o1 * (lse1 - merged).exp().unsqueeze(-1)
+                lse = merged
+            outs.append(o)
+            lses.append(lse)
+        out = torch.cat(outs, dim=2)
+        ctx.blocks, ctx.biases, ctx.scale = blocks, biases, scale
+        ctx.save_for_backward(q, k, v, out, torch.cat(lses, dim=2))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (s, e, kd, ke), bias in zip(ctx.blocks, ctx.biases):
+            qb, ob, lb, db = q[:, :, s:e], out[:, :, s:e], lse[:, :, s:e], dout[:, :, s:e]
+            mask = bias.expand(*qb.shape[:2], -1, -1)
+            gq, gk, gv = _flash_backward(db, qb, k[:, :, kd:ke], v[:, :, kd:ke], ob, lb, 0.0, False,
+                                         attn_mask=mask, scale=ctx.scale)
+            dk[:, :, kd:ke] += gk
+            dv[:, :, kd:ke] += gv
+            if kd > 0:
+                gq1, gk1, gv1 = _flash_backward(db, qb, k[:, :, :kd], v[:, :, :kd], ob, lb, 0.0, False, scale=ctx.scale)
+                gq = gq + gq1
+                dk[:, :, :kd] += gk1
+                dv[:, :, :kd] += gv1
+            dq[:, :, s:e] = gq
+        return dq, dk, dv, None, None, None
 
 
 def _causal_blocks(
@@ -158,7 +234,7 @@ def _full_run(call: AttentionCall, h0: int, h1: int) -> Tensor:
     """Heads h0..h1-1, used by every token: no gather. Returns their output (B, T, D)."""
     B, T, D = call.x.shape
     hd = call.k.shape[-1]
-    q = call.attn.project_queries(call.x, slice(h0, h1), call.positions).transpose(1, 2)  # (B,P,T,hd)
+    q = call.attn.project_queries(call.x, slice(h0, h1), call.positions, call.raw_q).transpose(1, 2)  # (B,P,T,hd)
     k, v = _kv(call, list(range(h0, h1)))
     qpos = None  # key index of every query, only needed by the blocked causal path
     if call.causal and call.q_offset < k.shape[2] - 1:
@@ -181,8 +257,12 @@ def _partial_heads(call: AttentionCall, heads: list[int], M: int, out_nD: Tensor
     valid = torch.arange(M, device=x.device) < used.sum(-1, keepdim=True)  # (B, P, M)
     idx = torch.where(valid, order, T - 1)  # padding repeats the last row (keeps rows ascending)
     flat = (idx + (torch.arange(B, device=x.device) * T)[:, None, None]).view(-1)
-    x_rows = x.reshape(B * T, D).index_select(0, flat).view(B, P, M, D)
-    q = call.attn.project_head_rows(x_rows, heads, call.positions.gather(1, idx.view(B, -1)).view(B, P, M))
+    positions = call.positions.gather(1, idx.view(B, -1)).view(B, P, M)
+    if call.raw_q is not None:  # the router projected every query already
+        q = call.attn.gather_head_rows(call.raw_q, heads, idx, positions)
+    else:
+        x_rows = x.reshape(B * T, D).index_select(0, flat).view(B, P, M, D)
+        q = call.attn.project_head_rows(x_rows, heads, positions)
     k, v = _kv(call, heads)
     mask = call.key_mask
     if mask is not None and mask.shape[1] == T:  # per-query mask: the rows' own
@@ -222,6 +302,9 @@ def sparse_attention(call: AttentionCall) -> Tensor:
     partial = [h for h, n in enumerate(per_head) if 0 < n < B * T]  # unused heads: skipped
     rows = max([c[h] for c in counts for h in partial], default=0)
     step = max(1, CHUNK_BYTES // max(B * rows * D * x.element_size(), 1))
+    threads = torch.get_num_threads()
+    if step > threads:  # whole multiples of the thread count: batched kernels split evenly over heads
+        step -= step % threads
     for i in range(0, len(partial), step):
         chunk = partial[i : i + step]
         out = _partial_heads(call, chunk, max(c[h] for c in counts for h in chunk), out)

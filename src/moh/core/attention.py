@@ -50,13 +50,17 @@ class MoHAttention(nn.Module):
         BACKENDS.get(name)  # validates
         self.cfg.backend = name
 
-    def project_queries(self, x_nD: Tensor, heads: slice, positions_n: Tensor) -> Tensor:
+    def project_queries(self, x_nD: Tensor, heads: slice, positions_n: Tensor, raw: Optional[Tensor] = None) -> Tensor:
         """Queries of ``heads`` for the rows of ``x_nD`` (any leading shape ...):
-        (..., D) -> (..., h, hd), after qk-norm and RoPE at ``positions_n`` (shape ...)."""
+        (..., D) -> (..., h, hd), after qk-norm and RoPE at ``positions_n`` (shape ...).
+        ``raw`` (..., H, hd): the query projection of the same rows if already made (then reused)."""
         H, hd, D = self.cfg.num_heads, self.cfg.head_dim, self.cfg.dim
-        w = self.q_proj.weight.view(H, hd, D)[heads].reshape(-1, D)
-        b = None if self.q_proj.bias is None else self.q_proj.bias.view(H, hd)[heads].reshape(-1)
-        q = nn.functional.linear(x_nD, w, b).unflatten(-1, (-1, hd))
+        if raw is not None:
+            q = raw[..., heads, :]
+        else:
+            w = self.q_proj.weight.view(H, hd, D)[heads].reshape(-1, D)
+            b = None if self.q_proj.bias is None else self.q_proj.bias.view(H, hd)[heads].reshape(-1)
+            q = nn.functional.linear(x_nD, w, b).unflatten(-1, (-1, hd))
         return self._norm_rope(q, positions_n.unsqueeze(-1))
 
     def project_head_rows(self, x_BPMD: Tensor, heads: list[int], positions_BPM: Tensor) -> Tensor:
@@ -67,6 +71,16 @@ class MoHAttention(nn.Module):
         q = x_BPMD @ w.transpose(1, 2)  # (B, P, M, hd)
         if self.q_proj.bias is not None:
             q = q + self.q_proj.bias.view(H, hd)[heads][:, None]
+        return self._norm_rope(q, positions_BPM)
+
+    def gather_head_rows(self, raw_BTHd: Tensor, heads: list[int], rows_BPM: Tensor, positions_BPM: Tensor) -> Tensor:
+        """Like ``project_head_rows``, from queries already projected: head ``heads[p]`` of rows
+        ``rows_BPM[:, p]`` of ``raw_BTHd`` (B, T, H, hd) -> (B, P, M, hd), after qk-norm and RoPE."""
+        B, T, H, hd = raw_BTHd.shape
+        P, M = rows_BPM.shape[1:]
+        head = torch.tensor(heads, device=rows_BPM.device)[None, :, None]
+        flat = ((torch.arange(B, device=rows_BPM.device)[:, None, None] * T + rows_BPM) * H + head).view(-1)
+        q = raw_BTHd.reshape(B * T * H, hd).index_select(0, flat).view(B, P, M, hd)
         return self._norm_rope(q, positions_BPM)
 
     def _norm_rope(self, q: Tensor, positions: Tensor) -> Tensor:
@@ -121,6 +135,7 @@ class MoHAttention(nn.Module):
             return self.q_proj(x).view(B, T, cfg.num_heads, hd)
 
         routing = self.router(x, raw_queries)
+        raw_q = raw_queries() if raw_queries.cache_info().currsize else None  # reuse, never force
         call = AttentionCall(
             x=x,
             k=k,
@@ -133,6 +148,7 @@ class MoHAttention(nn.Module):
             scale=hd**-0.5,
             dropout_p=cfg.dropout if self.training else 0.0,
             attn=self,
+            raw_q=raw_q,
         )
         y = BACKENDS.get(cfg.backend)(call)
         if self.o_proj.bias is not None:

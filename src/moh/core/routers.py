@@ -3,7 +3,8 @@
 Every router is an ``nn.Module`` built as ``Router(cfg)`` and called as
 ``router(x_BTD, raw_queries) -> Routing`` where ``raw_queries()`` lazily returns the query
 projection of every head *before* qk-norm and RoPE, shape (B, T, H, hd) (only ``query_norm``
-asks for it). Register new ones with ``@ROUTERS.register("name")``.
+asks for it; call it with autograd on: once computed, backends take their queries from it
+instead of projecting again). Register new ones with ``@ROUTERS.register("name")``.
 
 Shape legend: B batch, T tokens, D model width, H heads, E routed heads, K top-k.
 """
@@ -111,8 +112,9 @@ class QueryNormRouter(nn.Module):
         if self.num_heads == S:
             active = torch.ones(B, T, S, dtype=torch.bool, device=x_BTD.device)
             return Routing(shared, active, None, num_shared=S, learned=False)
+        queries = raw_queries()  # outside no_grad: the backend reuses this projection for its queries
         with torch.no_grad():
-            norms = raw_queries()[:, :, S:].float().norm(dim=-1)  # (B,T,E)
+            norms = queries[:, :, S:].float().norm(dim=-1)  # (B,T,E)
             std = norms.std(dim=-1, keepdim=True) if norms.shape[-1] > 1 else torch.ones_like(norms)
             probs = F.softmax(norms / std.clamp_min(1e-6), dim=-1).to(x_BTD.dtype)
             top_i = probs.topk(K, dim=-1).indices

@@ -5,7 +5,11 @@ active-head ratio, next to a dense baseline: q/k/v/o ``nn.Linear`` + ``F.scaled_
 with the same D/H (projections included, as in MoH). Candidates of one case (sequence length,
 causal or not) are timed *interleaved*, one repeat of each in turn, so machine noise hits all of
 them alike; the median is reported. Every row gets two ratios: (a) SDPA time / its time, and
-(b) the same backend with every head active / its time. Three kinds of case:
+(b) the same backend with every head active / its time. The ``ideal`` rows are dense fused kernels
+doing only the work of the active heads (``IdealMHA``): their ratio (a) is the ceiling a head-sparse
+backend can reach on this machine. Before every timed call 64 MB of scratch memory is written
+(untimed, ``--flush-mb``), so every call starts with cold caches as a layer inside a deep model does.
+Three kinds of case:
 
 * ``forward``: a forward pass (no autograd) over N tokens, causal and bidirectional;
 * ``decode``:  one new token against a KV cache of C tokens (causal);
@@ -67,6 +71,28 @@ class DenseMHA(nn.Module):
             k, v = cache.update(k, v)
         causal = self.causal and cache is None  # one new token sees the whole cache
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, hd)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class IdealMHA(DenseMHA):
+    """The work a perfect head-sparse kernel has to do, done by the dense fused kernels: keys and
+    values of all ``heads`` for every token, but queries, attention and output projection for only
+    ``active`` heads (over all tokens). Its speedup over ``DenseMHA`` is the ceiling any MoH backend
+    built on these kernels can reach on the machine at that active-head ratio."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, causal: bool, active: int):
+        super().__init__(dim, heads, head_dim, causal)
+        self.p = active
+        self.q = nn.Linear(dim, active * head_dim, bias=False)
+        self.o = nn.Linear(active * head_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        B, N, _ = x.shape
+        k, v = (p(x).view(B, N, self.h, self.hd).transpose(1, 2) for p in (self.k, self.v))
+        if cache is not None:
+            k, v = cache.update(k, v)
+        q = self.q(x).view(B, N, self.p, self.hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k[:, : self.p], v[:, : self.p], is_causal=self.causal and cache is None)
         return self.o(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -176,10 +202,27 @@ def peak_bytes(fn: Callable[[], None]) -> int:
     return max(totals, default=0)
 
 
+def _cache_flusher(megabytes: int) -> Optional[Callable[[], None]]:
+    """A function writing ``megabytes`` of scratch memory, run before every timed call (untimed) so
+    each starts with cold CPU caches, as a layer inside a deep model does: without it, a working set
+    that fits in the last-level cache (the KV cache of a few heads) is timed as if it always stayed
+    there, which flatters whichever candidate reads less."""
+    if megabytes <= 0:
+        return None
+    scratch = torch.empty(megabytes * 2**20 // 4)
+
+    def flush() -> None:
+        scratch.fill_(1.0)
+
+    return flush
+
+
 def time_interleaved(
-    calls: dict, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+    calls: dict, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter,
+    before: Optional[Callable[[], None]] = None,
 ) -> dict[str, list[float]]:
-    """Milliseconds of every repeat; each round runs every candidate once, in a rotating order."""
+    """Milliseconds of every repeat; each round runs every candidate once, in a rotating order.
+    ``before`` (untimed) runs before every call."""
     names = list(calls)
     for _ in range(warmup):
         for n in names:
@@ -187,6 +230,8 @@ def time_interleaved(
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:
+            if before is not None:
+                before()
             t0 = clock()
             calls[n]()
             times[n].append((clock() - t0) * 1e3)
@@ -204,11 +249,18 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
     for backend in args.backends:
         for ratio in args.ratios:
             layers[(backend, ratio)] = build_moh(D, H, hd, ratio, backend, causal)
+    if args.ideal:
+        for ratio in args.ratios:
+            if ratio < 1.0:
+                shared, top_k = head_split(H, ratio)
+                layers[("ideal", ratio)] = IdealMHA(D, H, hd, causal, shared + top_k)
     calls, actives = {}, {}
     for key, layer in layers.items():
-        calls[key], actives[key] = _make_call(layer, kind, x, ctx, is_moh=key[0] != "sdpa")
+        calls[key], actives[key] = _make_call(layer, kind, x, ctx, is_moh=key[0] not in ("sdpa", "ideal"))
+        if key[0] == "ideal":
+            actives[key] = [layer.p / H]
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times = time_interleaved(calls, args.repeats, args.warmup, clock)
+    times = time_interleaved(calls, args.repeats, args.warmup, clock, before=_cache_flusher(args.flush_mb))
     rows = []
     for key, ts in times.items():
         peak = peak_bytes(calls[key]) / 2**20
@@ -216,6 +268,7 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
                         [round(t, 3) for t in ts], round(peak, 2)))
     base = next(r.ms for r in rows if r.backend == "sdpa")
     full = {r.backend: r.ms for r in rows if r.ratio >= 1.0}
+    full["ideal"] = base  # the ideal layer with every head active is dense MHA itself
     for r in rows:
         r.vs_sdpa = base / r.ms
         if r.backend != "sdpa" and r.ratio < 1.0 and r.backend in full:
@@ -258,6 +311,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help=f"timed repeats per candidate (default {DEFAULTS['repeats']})")
     p.add_argument("--warmup", type=int, help=f"untimed runs per candidate (default {DEFAULTS['warmup']})")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--no-ideal", dest="ideal", action="store_false",
+                   help="skip the 'ideal' rows (dense kernels doing only the work of the active heads: the "
+                        "ceiling of any head-sparse backend on this machine)")
+    p.add_argument("--flush-mb", type=int, default=64,
+                   help="MB of scratch memory written before every timed call so it starts with cold caches, "
+                        "as a layer in a deep model does (default 64, twice a 32 MB L3; 0: off)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: CPU time of this process (needs --threads 1; not inflated "
@@ -286,9 +345,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.clock == "cpu" and args.threads != 1:
         raise ValueError(f"--clock cpu needs --threads 1 (CPU time sums all threads), got --threads {args.threads}")
     lengths = args.seq_lens + args.decode_contexts
-    if args.warmup < 0 or args.threads < 0 or args.train_seq_len < 0 or any(n <= 0 for n in lengths):
+    if args.warmup < 0 or args.threads < 0 or args.flush_mb < 0 or args.train_seq_len < 0 or any(n <= 0 for n in lengths):
         raise ValueError(
-            f"--warmup={args.warmup}, --threads={args.threads}, --train-seq-len={args.train_seq_len} must be >= 0 "
+            f"--warmup={args.warmup}, --threads={args.threads}, --train-seq-len={args.train_seq_len}, "
+            f"--flush-mb={args.flush_mb} must be >= 0 "
             f"and the lengths {lengths} > 0"
         )
     return args
@@ -337,7 +397,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} "
           f"| {info['platform']}")
     print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | median of {args.repeats} (interleaved), "
-          f"{args.warmup} warm-up | {args.clock} clock | load average {os.getloadavg()[0]:.1f}")
+          f"{args.warmup} warm-up | {args.clock} clock | caches flushed ({args.flush_mb} MB) | "
+          f"load average {os.getloadavg()[0]:.1f}")
     cases = [("forward", n, c) for n in args.seq_lens for c in (False, True)]
     cases += [("decode", n, True) for n in args.decode_contexts]
     if args.train_seq_len:
@@ -348,7 +409,8 @@ def _run(args: argparse.Namespace) -> int:
         rows += run_case(args, kind, n, causal)
     print(format_table(rows))
     settings = {k: getattr(args, k) for k in ("dim", "heads", "head_dim", "batch", "seq_lens", "decode_contexts",
-                                              "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick", "clock")}
+                                              "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick", "clock",
+                                              "ideal", "flush_mb")}
     info["load_average_1min"] = os.getloadavg()[0]  # other processes on the machine distort wall times
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
