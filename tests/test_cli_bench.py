@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from moh.cli import main
-from moh.eval.bench import head_split
+from moh.core.cache import KVCache
+from moh.eval.bench import DenseMHA, IdealMHA, head_split
 
 
 def test_bench_quick_writes_json(tmp_path, capsys):
@@ -13,7 +17,7 @@ def test_bench_quick_writes_json(tmp_path, capsys):
             "--ratios", "50", "--repeats", "2", "--warmup", "0", "--threads", "1", "--clock", "cpu", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "vs SDPA" in printed and "threads 1" in printed
+    assert "vs SDPA" in printed and "threads 1" in printed and "caches flushed (64 MB)" in printed
     data = json.loads(out.read_text())
     assert {"platform", "cpu", "threads", "torch", "date"} <= set(data["machine"])
     assert data["machine"]["threads"] == 1 and data["settings"]["clock"] == "cpu"
@@ -24,7 +28,7 @@ def test_bench_quick_writes_json(tmp_path, capsys):
         case = [r for r in rows if (r["kind"], r["causal"]) == (kind, causal)]
         # the baseline, and every backend at 50% and 100% (100% is always added for ratio (b))
         assert {(r["backend"], r["ratio"]) for r in case} == {
-            ("sdpa", 1.0), ("sparse", 0.5), ("sparse", 1.0), ("masked", 0.5), ("masked", 1.0)
+            ("sdpa", 1.0), ("sparse", 0.5), ("sparse", 1.0), ("masked", 0.5), ("masked", 1.0), ("ideal", 0.5)
         }
     for r in rows:
         assert r["ms"] > 0 and r["vs_sdpa"] > 0 and len(r["ms_all"]) == 2 and r["peak_mb"] >= 0
@@ -33,12 +37,33 @@ def test_bench_quick_writes_json(tmp_path, capsys):
             assert 0 < r["active"] < 1
         if r["backend"] == "sdpa":
             assert r["vs_sdpa"] == 1.0
+        if r["backend"] == "ideal":
+            assert r["active"] == 0.5 and r["vs_all_heads"] == r["vs_sdpa"]  # its 100% is SDPA itself
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ideal_layer_with_every_head_is_dense_mha(causal):
+    """The 'ideal' rows time dense kernels doing only the active heads' work; with every head
+    active that is the SDPA baseline itself, output for output (also through a KV cache)."""
+    torch.manual_seed(0)
+    dense, ideal = DenseMHA(32, 4, 8, causal), IdealMHA(32, 4, 8, causal, active=4)
+    ideal.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(ideal(x), dense(x), rtol=0, atol=1e-6)
+    c1, c2 = KVCache(), KVCache()
+    dense(x, cache=c1), ideal(x, cache=c2)
+    torch.testing.assert_close(ideal(x[:, :1], cache=c2), dense(x[:, :1], cache=c1), rtol=0, atol=1e-6)
+    # with fewer heads it reads only the first `active` heads' keys, but projects keys of all
+    half = IdealMHA(32, 4, 8, causal, active=2)
+    assert half.q.out_features == 16 and half.o.in_features == 16 and half.k.out_features == 32
 
 
 def test_bench_bad_options_exit_2(tmp_path, capsys):
     assert main(["bench", "--quick", "--backends", "nope", "--out", str(tmp_path / "x.json")]) == 2
     assert "'nope'" in capsys.readouterr().err
     assert main(["bench", "--quick", "--ratios", "150", "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["bench", "--quick", "--flush-mb", "-1", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--flush-mb=-1" in capsys.readouterr().err
     assert main(["bench", "--quick", "--clock", "cpu", "--threads", "2", "--out", str(tmp_path / "x.json")]) == 2
     assert "--threads 1" in capsys.readouterr().err
 
