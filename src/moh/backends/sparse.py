@@ -256,13 +256,12 @@ def _partial_heads(call: AttentionCall, heads: list[int], M: int, out_nD: Tensor
     order = torch.where(used, t, t + T).argsort(dim=-1)[..., :M]  # used rows first, ascending
     valid = torch.arange(M, device=x.device) < used.sum(-1, keepdim=True)  # (B, P, M)
     idx = torch.where(valid, order, T - 1)  # padding repeats the last row (keeps rows ascending)
-    flat = (idx + (torch.arange(B, device=x.device) * T)[:, None, None]).view(-1)
+    rows = idx + (torch.arange(B, device=x.device) * T)[:, None, None]  # (B, P, M) into B*T
     positions = call.positions.gather(1, idx.view(B, -1)).view(B, P, M)
     if call.raw_q is not None:  # the router projected every query already
         q = call.attn.gather_head_rows(call.raw_q, heads, idx, positions)
     else:
-        x_rows = x.reshape(B * T, D).index_select(0, flat).view(B, P, M, D)
-        q = call.attn.project_head_rows(x_rows, heads, positions)
+        q = call.attn.project_head_rows(x.reshape(B * T, D), rows, heads, positions)
     k, v = _kv(call, heads)
     mask = call.key_mask
     if mask is not None and mask.shape[1] == T:  # per-query mask: the rows' own
@@ -274,7 +273,7 @@ def _partial_heads(call: AttentionCall, heads: list[int], M: int, out_nD: Tensor
     # (P, hd, D), made contiguous (a small copy): bmm on the permuted view is many times slower
     w_out = call.attn.o_proj.weight.view(D, H, hd)[:, heads].permute(1, 2, 0).contiguous()
     y = (head * gate[..., None]) @ w_out  # (B, P, M, D)
-    return out_nD.index_add_(0, flat, y.reshape(-1, D))
+    return out_nD.index_add_(0, rows.view(-1), y.reshape(-1, D))
 
 
 def _runs(heads: list[int]) -> list[tuple[int, int]]:

@@ -21,6 +21,7 @@ from moh.config import MoHConfig
 from moh.core.cache import KVCache
 from moh.core.routers import build_router
 from moh.core.routing import Routing
+from moh.layers.gather import gather_bmm
 from moh.layers.norm import RMSNorm
 from moh.layers.rope import RotaryEmbedding, apply_rope
 
@@ -63,12 +64,13 @@ class MoHAttention(nn.Module):
             q = nn.functional.linear(x_nD, w, b).unflatten(-1, (-1, hd))
         return self._norm_rope(q, positions_n.unsqueeze(-1))
 
-    def project_head_rows(self, x_BPMD: Tensor, heads: list[int], positions_BPM: Tensor) -> Tensor:
-        """Queries of head ``heads[p]`` for the rows ``x_BPMD[:, p]`` (each head its own rows):
-        (B, P, M, D) -> (B, P, M, hd), after qk-norm and RoPE at ``positions_BPM``."""
+    def project_head_rows(self, x_nD: Tensor, rows_BPM: Tensor, heads: list[int], positions_BPM: Tensor) -> Tensor:
+        """Queries of head ``heads[p]`` for the rows ``x_nD[rows_BPM[:, p]]`` (each head its own
+        rows; x (n, D) flattened over batch and tokens) -> (B, P, M, hd), after qk-norm and RoPE at
+        ``positions_BPM``."""
         H, hd, D = self.cfg.num_heads, self.cfg.head_dim, self.cfg.dim
         w = self.q_proj.weight.view(H, hd, D)[heads]  # (P, hd, D)
-        q = x_BPMD @ w.transpose(1, 2)  # (B, P, M, hd)
+        q = gather_bmm(x_nD, rows_BPM, w.transpose(1, 2))  # (B, P, M, hd)
         if self.q_proj.bias is not None:
             q = q + self.q_proj.bias.view(H, hd)[heads][:, None]
         return self._norm_rope(q, positions_BPM)
