@@ -17,7 +17,7 @@ def test_bench_quick_writes_json(tmp_path, capsys):
             "--ratios", "50", "--repeats", "2", "--warmup", "0", "--threads", "1", "--clock", "cpu", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "vs SDPA" in printed and "threads 1" in printed and "caches flushed (64 MB)" in printed
+    assert "vs SDPA" in printed and "threads 1" in printed and "decode through 4 layers" in printed
     data = json.loads(out.read_text())
     assert {"platform", "cpu", "threads", "torch", "date"} <= set(data["machine"])
     assert data["machine"]["threads"] == 1 and data["settings"]["clock"] == "cpu"
@@ -64,6 +64,8 @@ def test_bench_bad_options_exit_2(tmp_path, capsys):
     assert main(["bench", "--quick", "--ratios", "150", "--out", str(tmp_path / "x.json")]) == 2
     assert main(["bench", "--quick", "--flush-mb", "-1", "--out", str(tmp_path / "x.json")]) == 2
     assert "--flush-mb=-1" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--decode-layers", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--decode-layers=0" in capsys.readouterr().err
     assert main(["bench", "--quick", "--clock", "cpu", "--threads", "2", "--out", str(tmp_path / "x.json")]) == 2
     assert "--threads 1" in capsys.readouterr().err
 

@@ -7,12 +7,13 @@ causal or not) are timed *interleaved*, one repeat of each in turn, so machine n
 them alike; the median is reported. Every row gets two ratios: (a) SDPA time / its time, and
 (b) the same backend with every head active / its time. The ``ideal`` rows are dense fused kernels
 doing only the work of the active heads (``IdealMHA``): their ratio (a) is the ceiling a head-sparse
-backend can reach on this machine. Before every timed call 64 MB of scratch memory is written
-(untimed, ``--flush-mb``), so every call starts with cold caches as a layer inside a deep model does.
-Three kinds of case:
+backend can reach on this machine. Three kinds of case:
 
 * ``forward``: a forward pass (no autograd) over N tokens, causal and bidirectional;
-* ``decode``:  one new token against a KV cache of C tokens (causal);
+* ``decode``:  one new token against a KV cache of C tokens (causal), through a stack of
+               ``--decode-layers`` layers with a cache each, timed per layer: a single layer's
+               4k cache would stay in the 32 MB last-level cache between repeats when only half
+               of it is read, which a layer inside a model never sees;
 * ``train``:   forward + backward (loss: sum of the output times a fixed random tensor, plus the
                router's load-balance loss for MoH).
 
@@ -133,39 +134,43 @@ class Row:
     vs_all_heads: float = 0.0  # (b), 0 for the baseline and the 100% rows
 
 
-def _make_call(layer: nn.Module, kind: str, x: Tensor, ctx: Optional[Tensor], is_moh: bool):
-    """A zero-argument callable running one case on ``layer``; returns (call, active fraction)."""
+def _make_call(layers: list[nn.Module], kind: str, x: Tensor, ctx: Optional[Tensor], is_moh: bool):
+    """A zero-argument callable running one case; returns (call, active fraction). ``forward`` and
+    ``train`` use ``layers[0]``; ``decode`` steps every layer of the stack, each with its own cache."""
     from moh.core.cache import KVCache
     from moh.core.routing import load_balance_loss
 
     active = [1.0]
 
-    def run(inp, cache=None):
+    def run(layer, inp, cache=None):
         out = layer(inp, cache=cache)
         if is_moh:
             active[0] = out.routing.active_fraction()
             return out.output, out.routing
         return out, None
 
+    layer = layers[0]
     if kind == "forward":
         def call():
             with torch.no_grad():
-                run(x)
+                run(layer, x)
     elif kind == "decode":
-        cache = KVCache(capacity=ctx.shape[1] + 1)
+        caches = [KVCache(capacity=ctx.shape[1] + 1) for _ in layers]
         with torch.no_grad():
-            run(ctx, cache)
+            for lay, cache in zip(layers, caches):
+                run(lay, ctx, cache)
 
         def call():
             with torch.no_grad():
-                run(x, cache)
-            cache.length -= x.shape[1]  # drop the new token: every repeat sees the same context
+                for lay, cache in zip(layers, caches):
+                    run(lay, x, cache)
+                    cache.length -= x.shape[1]  # drop the new token: every repeat sees the same context
     else:
         w = torch.randn_like(x)
 
         def call():
             layer.zero_grad(set_to_none=True)
-            y, routing = run(x)
+            y, routing = run(layer, x)
             loss = (y * w).sum()
             if routing is not None:
                 loss = loss + 0.01 * load_balance_loss(routing)
@@ -204,9 +209,9 @@ def peak_bytes(fn: Callable[[], None]) -> int:
 
 def _cache_flusher(megabytes: int) -> Optional[Callable[[], None]]:
     """A function writing ``megabytes`` of scratch memory, run before every timed call (untimed) so
-    each starts with cold CPU caches, as a layer inside a deep model does: without it, a working set
-    that fits in the last-level cache (the KV cache of a few heads) is timed as if it always stayed
-    there, which flatters whichever candidate reads less."""
+    each starts with cold CPU caches. Off by default: it also evicts the code and small tensors that
+    a layer inside a model finds warm, which penalises whichever candidate runs more operations
+    (decode uses a stack of layers instead, see ``--decode-layers``)."""
     if megabytes <= 0:
         return None
     scratch = torch.empty(megabytes * 2**20 // 4)
@@ -245,25 +250,28 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
     n_new = 1 if kind == "decode" else seq_len
     x = torch.randn(B, n_new, D, requires_grad=(kind == "train"))
     ctx = torch.randn(B, seq_len, D) if kind == "decode" else None
-    layers = {("sdpa", 1.0): DenseMHA(D, H, hd, causal)}
+    makers = {("sdpa", 1.0): lambda: DenseMHA(D, H, hd, causal)}
     for backend in args.backends:
         for ratio in args.ratios:
-            layers[(backend, ratio)] = build_moh(D, H, hd, ratio, backend, causal)
+            makers[(backend, ratio)] = lambda b=backend, r=ratio: build_moh(D, H, hd, r, b, causal)
     if args.ideal:
         for ratio in args.ratios:
             if ratio < 1.0:
                 shared, top_k = head_split(H, ratio)
-                layers[("ideal", ratio)] = IdealMHA(D, H, hd, causal, shared + top_k)
+                makers[("ideal", ratio)] = lambda p=shared + top_k: IdealMHA(D, H, hd, causal, p)
+    depth = args.decode_layers if kind == "decode" else 1
     calls, actives = {}, {}
-    for key, layer in layers.items():
-        calls[key], actives[key] = _make_call(layer, kind, x, ctx, is_moh=key[0] not in ("sdpa", "ideal"))
+    for key, make in makers.items():
+        layers = [make() for _ in range(depth)]
+        calls[key], actives[key] = _make_call(layers, kind, x, ctx, is_moh=key[0] not in ("sdpa", "ideal"))
         if key[0] == "ideal":
-            actives[key] = [layer.p / H]
+            actives[key] = [layers[0].p / H]
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = time_interleaved(calls, args.repeats, args.warmup, clock, before=_cache_flusher(args.flush_mb))
     rows = []
     for key, ts in times.items():
         peak = peak_bytes(calls[key]) / 2**20
+        ts = [t / depth for t in ts]  # decode: per layer of the stack
         rows.append(Row(kind, seq_len, causal, key[0], key[1], actives[key][0], statistics.median(ts),
                         [round(t, 3) for t in ts], round(peak, 2)))
     base = next(r.ms for r in rows if r.backend == "sdpa")
@@ -314,9 +322,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ideal", dest="ideal", action="store_false",
                    help="skip the 'ideal' rows (dense kernels doing only the work of the active heads: the "
                         "ceiling of any head-sparse backend on this machine)")
-    p.add_argument("--flush-mb", type=int, default=64,
-                   help="MB of scratch memory written before every timed call so it starts with cold caches, "
-                        "as a layer in a deep model does (default 64, twice a 32 MB L3; 0: off)")
+    p.add_argument("--flush-mb", type=int, default=0,
+                   help="MB of scratch memory written (untimed) before every timed call, so it starts with cold "
+                        "caches (default 0: off)")
+    p.add_argument("--decode-layers", type=int, default=4,
+                   help="decode steps through a stack of this many layers, each with its own KV cache, and "
+                        "reports the time per layer: the caches then come from memory as in a model, not from "
+                        "the last-level cache (default 4)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: CPU time of this process (needs --threads 1; not inflated "
@@ -339,7 +351,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in args.backends:
         BACKENDS.get(b)  # raises naming the valid backends
-    for name in ("dim", "heads", "head_dim", "repeats", "batch"):
+    for name in ("dim", "heads", "head_dim", "repeats", "batch", "decode_layers"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     if args.clock == "cpu" and args.threads != 1:
@@ -397,7 +409,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} "
           f"| {info['platform']}")
     print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | median of {args.repeats} (interleaved), "
-          f"{args.warmup} warm-up | {args.clock} clock | caches flushed ({args.flush_mb} MB) | "
+          f"{args.warmup} warm-up | {args.clock} clock | decode through {args.decode_layers} layers | "
+          f"{f'caches flushed ({args.flush_mb} MB) | ' if args.flush_mb else ''}"
           f"load average {os.getloadavg()[0]:.1f}")
     cases = [("forward", n, c) for n in args.seq_lens for c in (False, True)]
     cases += [("decode", n, True) for n in args.decode_contexts]
@@ -410,7 +423,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     settings = {k: getattr(args, k) for k in ("dim", "heads", "head_dim", "batch", "seq_lens", "decode_contexts",
                                               "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick", "clock",
-                                              "ideal", "flush_mb")}
+                                              "ideal", "flush_mb", "decode_layers")}
     info["load_average_1min"] = os.getloadavg()[0]  # other processes on the machine distort wall times
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
