@@ -1,7 +1,8 @@
 """Training checkpoints: safetensors for tensors, JSON for scalars, written atomically.
 
 Layout of one checkpoint (``<out_dir>/checkpoints/step_00000120/``):
-    model.safetensors       the unwrapped model's weights (shared tensors stored once)
+    model.safetensors       the full model's weights (tied tensors stored once), as
+                            ``safetensors.torch.save_model`` writes them for a plain module
     optimizer.safetensors   per-parameter optimizer tensors, keys "<param index>.<name>"
     state.json              step, data position, optimizer param groups and scalar state, ...
     rng_<rank>.safetensors  torch (and CUDA) generator states of each process
@@ -10,6 +11,11 @@ Layout of one checkpoint (``<out_dir>/checkpoints/step_00000120/``):
 A checkpoint is built in a hidden temporary directory, every file is fsynced, and the directory
 is renamed into place: a crash leaves either the whole checkpoint or none of it visible.
 Nothing is unpickled; loading reads only safetensors and JSON.
+
+Models and optimizers may be plain, DDP-unwrapped or FSDP2-sharded: state goes through
+``moh.train.distributed.gather_full_state`` / ``load_full_state``, so the files are the same in
+every case. Under torch.distributed, saving and loading are collectives (every process calls them;
+rank 0 writes).
 """
 from __future__ import annotations
 
@@ -24,8 +30,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from moh.train.distributed import gather_full_state, load_full_state, tied_groups
 
 log = logging.getLogger(__name__)
 
@@ -58,45 +67,81 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def write_model_file(model_sd: dict[str, torch.Tensor], tied: list[list[str]], path: Path) -> None:
+    """Write a full model state dict to ``path`` the way ``safetensors.torch.save_model`` writes a
+    plain module: of each group of ``tied`` names the first is stored, the others are dropped and
+    named in the metadata ({dropped: kept}); tensors contiguous."""
+    sd, metadata = dict(model_sd), {}
+    for group in tied:
+        present = [name for name in group if name in sd]
+        for name in present[1:]:
+            metadata[name] = present[0]
+            del sd[name]
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata or None)
+
+
+def read_model_file(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The full state dict in ``path`` with the tied names ``write_model_file`` dropped put back."""
+    sd = load_file(str(path))
+    for group in tied_groups(model):
+        kept = next((name for name in group if name in sd), None)
+        for name in group:
+            if kept is not None and name not in sd:
+                sd[name] = sd[kept]
+    return sd
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
-    """The model's weights to ``path`` (safetensors), atomically."""
+    """The model's full weights to ``path`` (safetensors), atomically. Collective under
+    torch.distributed (an FSDP model is gathered); rank 0 writes."""
+    model_sd, _ = gather_full_state(model)
+    if _rank() != 0:
+        return
     tmp = path.with_name(f".{path.name}.tmp")
-    save_model(model, str(tmp))
+    write_model_file(model_sd, tied_groups(model), tmp)
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    missing, unexpected = load_model(model, str(path), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    """Load ``path`` (as ``save_weights`` writes it) into a plain, DDP-unwrapped or FSDP model;
+    collective under torch.distributed. Raises ValueError if the names do not fit."""
+    try:
+        load_full_state(model, read_model_file(model, path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # optimizer state <-> (tensors, JSON)
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into safetensors-able tensors and JSON-able scalars."""
-    sd = optimizer.state_dict()
+def optimizer_to_flat(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an ``optimizer.state_dict()``-shaped dict into safetensors-able tensors and
+    JSON-able scalars."""
     tensors, scalars = {}, {}
-    for idx, pstate in sd["state"].items():
+    for idx, pstate in optim_sd["state"].items():
         for name, value in pstate.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": optim_sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The ``optimizer.state_dict()``-shaped dict that ``optimizer_to_flat`` split."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +216,10 @@ def save_checkpoint(
     barrier: Callable[[], None] = lambda: None,
     keep_last: int = 0,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root``; every process calls this (rank 0 writes the model,
-    optimizer and ``state``; each rank its generator states). Returns the checkpoint directory."""
+    """Write checkpoint ``step`` under ``root``; every process calls this (all take part in
+    gathering a sharded model and optimizer; rank 0 writes them and ``state``; each rank its
+    generator states). Returns the checkpoint directory."""
+    model_sd, optim_sd = gather_full_state(model, optimizer)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
     if rank == 0:
@@ -184,8 +231,8 @@ def save_checkpoint(
     save_file(rng_tensors, str(tmp / f"rng_{rank}.safetensors"))
     write_json(tmp / f"rng_{rank}.json", rng_meta)
     if rank == 0:
-        save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        write_model_file(model_sd, tied_groups(model), tmp / "model.safetensors")
+        opt_tensors, opt_meta = optimizer_to_flat(optim_sd)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "state.json", dict(state, step=step, optimizer=opt_meta))
     barrier()
@@ -204,10 +251,14 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
-    """Restore model, optimizer and this process's generators from ``path``; returns state.json."""
+    """Restore model, optimizer and this process's generators from ``path``; returns state.json.
+    Collective under torch.distributed (every process reads the files and keeps its shard)."""
     state = json.loads((path / "state.json").read_text())
-    load_weights(model, path / "model.safetensors")
-    optimizer_from_flat(optimizer, load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+    optim_sd = optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+    try:
+        load_full_state(model, read_model_file(model, path / "model.safetensors"), optimizer, optim_sd)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     rng_file = path / f"rng_{rank}.safetensors"
     if rng_file.is_file():
         set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng_{rank}.json").read_text()))

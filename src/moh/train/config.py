@@ -53,6 +53,7 @@ class LoopConfig:
     keep_last: int = 2
     out_dir: str = "runs/default"
     resume: bool = False
+    fsdp: bool = False  # shard with FSDP2 (each block + the root) under torchrun; see moh.train.distributed
     progress: bool = True
     num_workers: int = 0
     metrics_csv: bool = True

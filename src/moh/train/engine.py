@@ -1,8 +1,10 @@
 """The one training loop for every model family, on ``accelerate``.
 
 The same code runs in one CPU process, in several with DDP (``torchrun`` / ``accelerate launch``)
-and with FSDP through accelerate's config. Models are called as ``model(**batch)`` and return a
-``ModelOutput``; the loss is ``out.loss + balance_coef * out.aux_loss``.
+and with FSDP2: through accelerate's FSDP config (``fsdp_version: 2``, GPU clusters) or with
+``train.fsdp=true`` under torchrun on any backend (``moh.train.distributed`` holds the FSDP
+specifics; checkpoints always hold full, unsharded state). Models are called as
+``model(**batch)`` and return a ``ModelOutput``; the loss is ``out.loss + balance_coef * out.aux_loss``.
 
 Run directory (``train.out_dir``):
     config.yaml  model.safetensors  final.json     the result (``load_run`` reads these)
@@ -33,6 +35,7 @@ from moh.data import build_dataset
 from moh.models import create_model
 from moh.train import checkpoint as ckpt
 from moh.train.config import RunConfig
+from moh.train.distributed import is_sharded, local_tensor, no_sync, scalar, shard_model
 from moh.train.metrics import MetricsLogger, batch_accuracy, count_items, reduce_sums
 from moh.train.sampler import ResumableBatchSampler
 from moh.train.schedule import lr_at
@@ -44,7 +47,7 @@ TRAIN_KEYS = ("loss", "task_loss", "aux_loss", "acc", "heads_active")
 
 @dataclass
 class FitResult:
-    model: nn.Module  # unwrapped
+    model: nn.Module  # unwrapped (under FSDP still sharded: moh.train.distributed.gather_full_state)
     history: list[dict] = field(default_factory=list)  # one dict per logged step
     eval: dict = field(default_factory=dict)  # final evaluation: loss, acc, heads_active, n
     out_dir: Path = Path(".")
@@ -69,11 +72,13 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 64, max_batches:
     rank, world = _dist_world()
     device = next(model.parameters()).device
     shard = Subset(data, range(rank, len(data), world)) if world > 1 else data
+    loader = DataLoader(shard, batch_size=batch_size)
+    n_batches = min(len(loader), max_batches) if max_batches else len(loader)
     was_training = model.training
     model.eval()
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "heads": 0.0, "n": 0.0}
-    for i, batch in enumerate(DataLoader(shard, batch_size=batch_size)):
-        if max_batches and i >= max_batches:
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
@@ -84,12 +89,26 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 64, max_batches:
         sums["count"] += count
         sums["heads"] += out.active_fraction() * n
         sums["n"] += n
+    if is_sharded(model):
+        _match_forwards(model, data, n_batches, batch_size, max_batches, world, device)
     model.train(was_training)
     if world > 1:
         sums = reduce_sums(sums, _all_reduce_sum)
     c = max(sums["count"], 1.0)
     return {"loss": sums["loss"] / c, "acc": sums["correct"] / c,
             "heads_active": sums["heads"] / max(sums["n"], 1.0), "n": int(sums["n"])}
+
+
+def _match_forwards(model: nn.Module, data: Dataset, done: int, batch_size: int, max_batches: int, world: int,
+                    device) -> None:
+    """An FSDP forward is a collective (it all-gathers the parameters): a process with fewer eval
+    batches than process 0 (which has the most items) runs uncounted forwards until they match."""
+    most = math.ceil(math.ceil(len(data) / world) / batch_size)
+    most = min(most, max_batches) if max_batches else most
+    if most > done:
+        spare = {k: v.to(device) for k, v in next(iter(DataLoader(data, batch_size=1))).items()}
+        for _ in range(most - done):
+            model(**spare)
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
@@ -142,8 +161,11 @@ def _touch_all_params(model: nn.Module) -> Tensor:
     did not use this step (a module a variant skips, an extra head of a converted model) gets a
     zero gradient instead of none. Without it DDP fails ("Expected to have finished reduction");
     with it DDP needs no find_unused_parameters (a graph search every step), and AdamW treats such
-    a parameter the same in one process and in many (zero gradient: moments decay)."""
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    a parameter the same in one process and in many (zero gradient: moments decay). Under FSDP
+    the root's parameters are still unsharded here (their zeros join what FSDP reduce-scatters),
+    a block's are DTensor shards again (the zeros go to the local shard, where FSDP adds the
+    reduced gradient). FSDP needs a parameter unused on every process or on none."""
+    return sum(local_tensor(p).sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +198,7 @@ def _train_step(model, optimizer, accelerator, micro_batches: list[dict], cfg: R
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         # gradients are all-reduced once per step: skip the sync on all but the last micro-batch
-        sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+        sync = contextlib.nullcontext() if i == accum - 1 else no_sync(model, accelerator)
         with sync:
             out = model(**batch)
             aux = out.aux_loss
@@ -194,7 +216,7 @@ def _train_step(model, optimizer, accelerator, micro_batches: list[dict], cfg: R
         window.add(**{k: v / accum for k, v in stats.items()}, correct=correct, count=count, items=items)
     if cfg.optim.grad_clip > 0:
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        window.add(grad_norm=float(norm))
+        window.add(grad_norm=scalar(norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     window.steps += 1
@@ -220,7 +242,7 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
     if eval_data is None:
         eval_data = build_dataset(cfg.data.name, cfg.data.eval_split, **cfg.data.args)
     seed_everything(t.seed + rank)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
+    model, optimizer = _prepare(accelerator, model, cfg)
     raw = accelerator.unwrap_model(model)
     sampler = ResumableBatchSampler(len(train_data), t.batch_size, seed=t.seed, rank=rank, world_size=world)
     start = _restore_or_clean(cfg, accelerator, raw, optimizer, sampler)  # last use of the generators' old state
@@ -251,8 +273,8 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
     bar.close()
     final = evaluate(raw, eval_data, t.batch_size, t.eval_batches)
     evals.log({"step": t.steps, **final})
+    ckpt.save_weights(raw, out_dir / "model.safetensors")  # every process: an FSDP model is gathered
     if main:
-        ckpt.save_weights(raw, out_dir / "model.safetensors")
         summary = dict(final, step=t.steps, train_time_s=time.perf_counter() - t_run, resumed_from=start)
         ckpt.atomic_write_text(out_dir / "final.json", json.dumps(summary, indent=1))
     metrics.close()
@@ -265,10 +287,24 @@ def _accelerator():
     from accelerate import Accelerator, DistributedType
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # unwrap_model would hand sharded parameters to the checkpoint writer: refuse, don't corrupt
-        raise ValueError("FSDP is not supported yet: checkpoints need gathered state dicts; use DDP (torchrun)")
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        # FSDP1 flattens parameters: the optimizer's parameter order is not the plain model's
+        raise ValueError("accelerate's FSDP config has fsdp_version 1; set fsdp_version: 2 (FSDP2)")
     return accelerator
+
+
+def _prepare(accelerator, model: nn.Module, cfg: RunConfig):
+    """(model, optimizer) ready to train. accelerate wraps the model in DDP, or shards it itself
+    under its FSDP config. With ``train.fsdp`` (and no such config) the model is sharded here and
+    accelerate prepares only the optimizer: it would wrap the sharded model in DDP."""
+    from accelerate import DistributedType
+
+    if cfg.train.fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        model = shard_model(model.to(accelerator.device))
+        return model, accelerator.prepare(build_optimizer(model, cfg.optim))  # after sharding: holds the shards
+    if cfg.train.fsdp:
+        log.info("train.fsdp: accelerate's FSDP config shards the model")
+    return accelerator.prepare(model, build_optimizer(model, cfg.optim))
 
 
 def _restore_or_clean(cfg: RunConfig, accelerator, raw: nn.Module, optimizer, sampler: ResumableBatchSampler) -> int:
