@@ -1,8 +1,9 @@
 """Every backend equals ``reference``: outputs (<= 1e-5) and gradients (<= 1e-4), fp32.
 
 Property-based over shapes, head splits, routers, causal / bidirectional, padding masks, GQA,
-RoPE, qk-norm and the KV cache. ``sparse.ROW_BLOCK`` is drawn small so that the blocked causal
-and masked paths run with several blocks even on these tiny sequences.
+RoPE, qk-norm and the KV cache. ``sparse``'s block sizes are drawn small so that the blocked causal
+paths run with several blocks even on these tiny sequences, and its dense-from fraction so that
+partially used heads run both gathered and whole.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def cases(draw):
         cfg=cfg, B=draw(st.integers(1, 3)), T=draw(st.integers(1, 9)), P=draw(st.sampled_from([0, 0, 1, 5])),
         mask=draw(st.sampled_from(["none", "bs", "bs_int", "bts"])),
         row_block=draw(st.sampled_from([1, 3, 256])), seed=draw(st.integers(0, 10_000)),
+        dense_from=draw(st.sampled_from([0.0, 0.6, 1.01])),
     )
 
 
@@ -102,12 +104,18 @@ def test_backends_match_reference(case):
     mask = make_mask(case["mask"], B, T, P + T, gen)
     # a (B, S) padding mask covers the prefix too; a (B, T, S) mask applies to the new queries only
     prefix_mask = mask[:, :P] if (P and mask is not None and mask.dim() == 2) else None
-    old = sparse_mod.ROW_BLOCK
-    sparse_mod.ROW_BLOCK = case["row_block"]
+    # small blocks: several blocks even on these tiny sequences; dense_from 0 computes every used
+    # head for all rows (gate 0 where unused), 1.01 gathers every partially used head
+    knobs = dict(ROW_BLOCK=case["row_block"], FLASH_BLOCK=case["row_block"], DENSE_FROM=case["dense_from"],
+                 DENSE_FROM_CAUSAL=case["dense_from"])
+    old = {name: getattr(sparse_mod, name) for name in knobs}
+    for name, value in knobs.items():
+        setattr(sparse_mod, name, value)
     try:
         assert_same(m, x, mask, prefix, prefix_mask)
     finally:
-        sparse_mod.ROW_BLOCK = old
+        for name, value in old.items():
+            setattr(sparse_mod, name, value)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -164,3 +172,20 @@ def test_block_attention_backward_is_the_gradient(dropout_p):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, 3, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 8, 8))
     assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_flash_causal_rows_backward_is_the_gradient():
+    """The flash-kernel causal path (two key parts per row block merged by log-sum-exp, backward
+    through torch's flash backward with the merged statistics) against numerical gradients and
+    against the plain blocked kernel."""
+    qpos = torch.tensor([[[0, 2, 3, 6, 7], [1, 2, 4, 5, 7]]])  # (B=1, P=2, M=5), ascending rows per head
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 3, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 8, 8))
+    old = sparse_mod.FLASH_BLOCK
+    sparse_mod.FLASH_BLOCK = 2  # blocks (0,2) (2,4) (4,5): one with no key before its first row
+    try:
+        assert torch.autograd.gradcheck(lambda a, b, c: sparse_mod._causal_flash(a, b, c, qpos, 0.7), (q, k, v))
+        ref = torch.softmax((q @ k.transpose(-1, -2) * 0.7).masked_fill(torch.arange(8) > qpos[..., None], -1e300), -1) @ v
+        torch.testing.assert_close(sparse_mod._causal_flash(q, k, v, qpos, 0.7), ref)
+    finally:
+        sparse_mod.FLASH_BLOCK = old

@@ -35,6 +35,11 @@ ROW_BLOCK = 128  # causal query rows per score block (tuned on a 2-core CPU, D=7
 # size: measured faster than one large batch (at 75% heads, N=2048, D=768: 284 vs 322 ms CPU),
 # large temporaries being slow to allocate and falling out of cache.
 CHUNK_BYTES = 8 << 20
+# Fraction of rows from which a head is computed for all rows instead of gathered. A gathered
+# (row, head) costs more than one of a head computed whole (gather, 64-wide projections, and for
+# causal attention blocks of rows instead of SDPA's causal kernel).
+DENSE_FROM = 0.85
+DENSE_FROM_CAUSAL = 0.6
 FLASH_BLOCK = 128  # rows per block of ``_causal_flash``
 FEW_ROWS = 4  # query rows per head up to which plain matmuls replace SDPA (decode steps)
 
@@ -293,12 +298,14 @@ def sparse_attention(call: AttentionCall) -> Tensor:
     B, T, D = x.shape
     counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
     per_head = [sum(c[h] for c in counts) for h in range(len(counts[0]))]
+    # a head most rows use is cheaper computed for every row (gate 0 where unused) than gathered
+    dense = B * T * (DENSE_FROM_CAUSAL if call.causal and T > 1 else DENSE_FROM)
     out = None
-    for h0, h1 in _runs([h for h, n in enumerate(per_head) if n == B * T]):
+    for h0, h1 in _runs([h for h, n in enumerate(per_head) if n == B * T or 0 < n >= dense]):
         y = _full_run(call, h0, h1)
         out = y if out is None else out + y
     out = x.new_zeros(B * T, D) if out is None else out.reshape(B * T, D)
-    partial = [h for h, n in enumerate(per_head) if 0 < n < B * T]  # unused heads: skipped
+    partial = [h for h, n in enumerate(per_head) if 0 < n < min(dense, B * T)]  # unused heads: skipped
     rows = max([c[h] for c in counts for h in partial], default=0)
     step = max(1, CHUNK_BYTES // max(B * rows * D * x.element_size(), 1))
     threads = torch.get_num_threads()
