@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moh.backends.sparse import _causal_flash
+
 
 def timed(groups: dict[str, dict], repeats: int, clock) -> None:
     for title, fns in groups.items():
@@ -82,13 +84,39 @@ def main() -> None:
             "SDPA all rows, bidirectional": lambda: F.scaled_dot_product_attention(q, k, v),
             "SDPA all rows, causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "SDPA gathered rows, bidirectional": lambda: F.scaled_dot_product_attention(qr, k, v),
-            "gathered causal: own blocks of 128 (used)": lambda: own_causal(128),
+            "gathered causal: flash rows, 64 (sparse, used)": lambda: _causal_flash(qr, k, v, idx[None, None], hd**-0.5),
+            "gathered causal: own blocks of 128 (with padding)": lambda: own_causal(128),
             "gathered causal: own blocks of 64": lambda: own_causal(64),
             "gathered causal: SDPA + bool mask, blocks 256": lambda: sdpa_masked(256),
         },
     }
     with torch.no_grad():
         timed(groups, a.repeats, clock)
+        rates(N, D, hd, a.repeats, clock)
+
+
+def rates(N: int, D: int, hd: int, repeats: int, clock) -> None:
+    """GFLOP/s of a D x D projection and of SDPA over D // hd heads: how close the dense baseline
+    already runs to the machine's matmul rate (the ceiling argument in RESULTS.md section 1)."""
+    H = D // hd
+    x, w = torch.randn(N, D), torch.randn(D, D)
+    q, k, v = (torch.randn(1, H, N, hd) for _ in range(3))
+    cases = {
+        f"matmul {N}x{D}x{D}": (lambda: x @ w, 2 * N * D * D),
+        f"SDPA {H} heads, bidirectional": (lambda: F.scaled_dot_product_attention(q, k, v), 4 * N * N * hd * H),
+        f"SDPA {H} heads, causal (counting half)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                                   2 * N * N * hd * H),
+    }
+    print("\nrates")
+    for name, (fn, flops) in cases.items():
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = clock()
+            fn()
+            ts.append(clock() - t0)
+        sec = statistics.median(ts)
+        print(f"  {name:44s} {sec * 1e3:9.2f} ms  {flops / sec / 1e9:6.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
