@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from moh.models import create_model
 from moh.train.config import RunConfig
-from moh.train.distributed import gather_full_state, is_sharded
+from moh.train.distributed import gather_full_state, is_sharded, shutdown
 from moh.train.engine import fit
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     if params:
         save_file(params, str(out / f"params_rank{rank}.safetensors"))
     (out / f"eval_rank{rank}.txt").write_text(repr(result.eval))
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out_dir:
         overrides.append(f"train.out_dir={args.out_dir}")
     cfg = RunConfig.load(_config_path(args.config), overrides)
+    from moh.train.distributed import shutdown
+
     result = fit(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch: one summary
+    shutdown()  # under torchrun / accelerate launch: leave the process group together
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary
         return 0
     last = result.history[-1] if result.history else {}
     ev = result.eval

@@ -159,3 +159,12 @@ def _by_name(osd: dict, names: list[str]) -> dict:
         raise ValueError(f"optimizer state for {count} parameters, but the optimizer has {len(names)}")
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in osd["param_groups"]]
     return {"state": {names[int(i)]: s for i, s in osd["state"].items()}, "param_groups": groups}
+
+
+def shutdown() -> None:
+    """Leave torch.distributed cleanly at the end of a process that trained under it: wait for
+    every process, then destroy the group. Without it a process may exit while another still talks
+    to it over gloo, and the other aborts ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
