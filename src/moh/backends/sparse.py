@@ -76,8 +76,10 @@ def _causal_flash(q: Tensor, k: Tensor, v: Tensor, qpos_BPM: Tensor, scale: floa
     """Causal attention of rows at ascending key indices ``qpos_BPM`` with torch's fused CPU flash
     kernel, in blocks of ``FLASH_BLOCK`` rows: keys before a block's first row are visible to all
     its rows (one unmasked flash call), keys from its first to its last row need a mask (a second,
-    small call); the two partial softmaxes are merged through their log-sum-exps. 1.5-2x faster
-    than ``_causal_blocks`` (scores never leave the cache); used without padding or dropout."""
+    small call); the two partial softmaxes are merged through their log-sum-exps. Scores never leave
+    the cache: for 3 heads x 830 rows at N=2048 17.8 vs 24.7 ms for ``_causal_blocks`` (1 thread);
+    for one head, or at the level of a whole layer, the two are close. Used without padding or
+    dropout, in fp32 (the merge runs in the input dtype)."""
     M = q.shape[2]
     starts = list(range(0, M, FLASH_BLOCK))
     last = [min(s + FLASH_BLOCK, M) - 1 for s in starts]

@@ -75,13 +75,14 @@ class MoHAttention(nn.Module):
             q = q + self.q_proj.bias.view(H, hd)[heads][:, None]
         return self._norm_rope(q, positions_BPM)
 
-    def gather_head_rows(self, raw_BTHd: Tensor, heads: list[int], rows_BPM: Tensor, positions_BPM: Tensor) -> Tensor:
-        """Like ``project_head_rows``, from queries already projected: head ``heads[p]`` of rows
-        ``rows_BPM[:, p]`` of ``raw_BTHd`` (B, T, H, hd) -> (B, P, M, hd), after qk-norm and RoPE."""
+    def gather_head_rows(self, raw_BTHd: Tensor, heads: list[int], tokens_BPM: Tensor, positions_BPM: Tensor) -> Tensor:
+        """Like ``project_head_rows``, from queries already projected: head ``heads[p]`` of the tokens
+        ``tokens_BPM[b, p]`` (indices within item b) of ``raw_BTHd`` (B, T, H, hd) -> (B, P, M, hd),
+        after qk-norm and RoPE."""
         B, T, H, hd = raw_BTHd.shape
-        P, M = rows_BPM.shape[1:]
-        head = torch.tensor(heads, device=rows_BPM.device)[None, :, None]
-        flat = ((torch.arange(B, device=rows_BPM.device)[:, None, None] * T + rows_BPM) * H + head).view(-1)
+        P, M = tokens_BPM.shape[1:]
+        head = torch.tensor(heads, device=tokens_BPM.device)[None, :, None]
+        flat = ((torch.arange(B, device=tokens_BPM.device)[:, None, None] * T + tokens_BPM) * H + head).view(-1)
         q = raw_BTHd.reshape(B * T * H, hd).index_select(0, flat).view(B, P, M, hd)
         return self._norm_rope(q, positions_BPM)
 
