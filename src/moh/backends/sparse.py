@@ -40,6 +40,10 @@ CHUNK_BYTES = 8 << 20
 # causal attention blocks of rows instead of SDPA's causal kernel).
 DENSE_FROM = 0.85
 DENSE_FROM_CAUSAL = 0.6
+# Rows are gathered only when there are at least this many key positions per unit of width:
+# gathering lost at every head ratio for a tiny ViT (17 keys, D=128: 1139 vs 1757 images/s at 50%)
+# and won at 512 keys for D=768 (1 thread; at 2 threads about even).
+GATHER_MIN_KEYS_PER_WIDTH = 0.5
 FLASH_BLOCK = 64  # rows per block of ``_causal_flash`` (32-256 measured: 64 best for forward+backward)
 FEW_ROWS = 4  # query rows per head up to which plain matmuls replace SDPA (decode steps)
 
@@ -302,8 +306,11 @@ def sparse_attention(call: AttentionCall) -> Tensor:
     B, T, D = x.shape
     counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
     per_head = [sum(c[h] for c in counts) for h in range(len(counts[0]))]
-    # a head most rows use is cheaper computed for every row (gate 0 where unused) than gathered
+    # a head most rows use is cheaper computed for every row (gate 0 where unused) than gathered;
+    # over few keys, any head is (the attention skipped costs less than gathering the rows)
     dense = B * T * (DENSE_FROM_CAUSAL if call.causal and T > 1 else DENSE_FROM)
+    if call.k.shape[2] < GATHER_MIN_KEYS_PER_WIDTH * D:
+        dense = 0
     out = None
     for h0, h1 in _runs([h for h, n in enumerate(per_head) if n == B * T or 0 < n >= dense]):
         y = _full_run(call, h0, h1)
