@@ -64,6 +64,8 @@ def test_bench_bad_options_exit_2(tmp_path, capsys):
     assert main(["bench", "--quick", "--ratios", "150", "--out", str(tmp_path / "x.json")]) == 2
     assert main(["bench", "--quick", "--flush-mb", "-1", "--out", str(tmp_path / "x.json")]) == 2
     assert "--flush-mb=-1" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--router", "nope", "--out", str(tmp_path / "x.json")]) == 2
+    assert "'nope'" in capsys.readouterr().err
     assert main(["bench", "--quick", "--decode-layers", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "--decode-layers=0" in capsys.readouterr().err
     assert main(["bench", "--quick", "--clock", "cpu", "--threads", "2", "--out", str(tmp_path / "x.json")]) == 2

@@ -107,12 +107,14 @@ def head_split(heads: int, ratio: float) -> Optional[tuple[int, int]]:
     return shared, top_k
 
 
-def build_moh(dim: int, heads: int, head_dim: int, ratio: float, backend: str, causal: bool) -> nn.Module:
+def build_moh(dim: int, heads: int, head_dim: int, ratio: float, backend: str, causal: bool,
+              router: str = "two_stage") -> nn.Module:
+    """One MoHAttention layer at an active-head ratio: ``router`` below 100%, ``all`` at 100%."""
     from moh.config import MoHConfig
     from moh.core.attention import MoHAttention
 
     split = head_split(heads, ratio)
-    extra = dict(router="all") if split is None else dict(num_shared=split[0], top_k=split[1])
+    extra = dict(router="all") if split is None else dict(num_shared=split[0], top_k=split[1], router=router)
     return MoHAttention(MoHConfig(dim=dim, num_heads=heads, head_dim=head_dim, backend=backend, causal=causal, **extra))
 
 
@@ -253,7 +255,7 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
     makers = {("sdpa", 1.0): lambda: DenseMHA(D, H, hd, causal)}
     for backend in args.backends:
         for ratio in args.ratios:
-            makers[(backend, ratio)] = lambda b=backend, r=ratio: build_moh(D, H, hd, r, b, causal)
+            makers[(backend, ratio)] = lambda b=backend, r=ratio: build_moh(D, H, hd, r, b, causal, args.router)
     if args.ideal:
         for ratio in args.ratios:
             if ratio < 1.0:
@@ -319,6 +321,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help=f"timed repeats per candidate (default {DEFAULTS['repeats']})")
     p.add_argument("--warmup", type=int, help=f"untimed runs per candidate (default {DEFAULTS['warmup']})")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--router", default="two_stage",
+                   help="router below 100%% active: two_stage (learned, the paper's) or query_norm (parameter-free, "
+                        "for converted LLMs)")
     p.add_argument("--no-ideal", dest="ideal", action="store_false",
                    help="skip the 'ideal' rows (dense kernels doing only the work of the active heads: the "
                         "ceiling of any head-sparse backend on this machine)")
@@ -351,6 +356,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in args.backends:
         BACKENDS.get(b)  # raises naming the valid backends
+    from moh.core.routers import ROUTERS
+
+    ROUTERS.get(args.router)  # raises naming the valid routers
     for name in ("dim", "heads", "head_dim", "repeats", "batch", "decode_layers"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
@@ -408,7 +416,8 @@ def _run(args: argparse.Namespace) -> int:
     info = machine_info()
     print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} "
           f"| {info['platform']}")
-    print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | median of {args.repeats} (interleaved), "
+    print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | router {args.router} | "
+          f"median of {args.repeats} (interleaved), "
           f"{args.warmup} warm-up | {args.clock} clock | decode through {args.decode_layers} layers | "
           f"{f'caches flushed ({args.flush_mb} MB) | ' if args.flush_mb else ''}"
           f"load average {os.getloadavg()[0]:.1f}")
@@ -423,7 +432,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     settings = {k: getattr(args, k) for k in ("dim", "heads", "head_dim", "batch", "seq_lens", "decode_contexts",
                                               "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick", "clock",
-                                              "ideal", "flush_mb", "decode_layers")}
+                                              "ideal", "flush_mb", "decode_layers", "router")}
     info["load_average_1min"] = os.getloadavg()[0]  # other processes on the machine distort wall times
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
