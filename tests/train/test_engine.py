@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moh.cli import main as moh_main
 from moh.data import build_dataset
@@ -52,6 +53,10 @@ def test_loss_decreases_and_run_dir_is_complete(smoke_cfg):
     assert final["acc"] == pytest.approx(result.eval["acc"])
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,")
+    tb = EventAccumulator(str(out / "tb"))
+    tags = tb.Reload().Tags()["scalars"]
+    assert {"metrics/loss", "metrics/heads_active", "eval/acc", "eval/loss"} <= set(tags)
+    assert [e.step for e in tb.Scalars("metrics/loss")] == [10, 20, 30]
     model, loaded = load_run(out)
     assert loaded == cfg
     x = data[0]["images"][None]  # (1, 1, 8, 8)

@@ -251,7 +251,8 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
                               generator=torch.Generator().manual_seed(t.seed)))
     metrics = MetricsLogger(out_dir, "metrics", start_step=start, use_csv=t.metrics_csv, tensorboard=t.tensorboard,
                             enabled=main)
-    evals = MetricsLogger(out_dir, "eval", start_step=start, use_csv=t.metrics_csv, tensorboard=False, enabled=main)
+    evals = MetricsLogger(out_dir, "eval", start_step=start, use_csv=t.metrics_csv, tensorboard=t.tensorboard,
+                          enabled=main)
     if main:
         cfg.save(out_dir / "config.yaml")
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=not (t.progress and main and sys.stderr.isatty()))
