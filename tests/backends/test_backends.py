@@ -93,7 +93,7 @@ def cases(draw):
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_backends_match_reference(case):
     m = build(case["seed"], **case["cfg"])
