@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moh.backends import BACKENDS
-from moh.backends import sparse as sparse_mod
+from moh.backends.sparse import backend as sparse_mod
 from moh.config import MoHConfig
 from moh.core.attention import MoHAttention
 from moh.core.cache import KVCache

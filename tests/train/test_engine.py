@@ -10,7 +10,7 @@ from moh.data import build_dataset
 from moh.models import create_model
 from moh.train.config import RunConfig
 from moh.train.engine import evaluate, fit, load_run
-from moh.train.metrics import batch_accuracy
+from moh.models.base import accuracy_counts as batch_accuracy
 
 from .conftest import SMOKE
 

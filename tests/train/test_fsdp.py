@@ -20,12 +20,13 @@ from .conftest import REPO
 from .test_distributed import ENV, WORKER, free_port
 
 DECODER = {"depth": 2, "dim": 32, "num_heads": 4, "num_shared": 1, "top_k": 2, "vocab_size": 32, "max_seq_len": 16}
-# balance_coef=0: the load-balance loss of a batch is not the mean of its halves' (DDP differs the
+# aux_loss_coef=0: the load-balance loss of a batch is not the mean of its halves' (DDP differs the
 # same way), the task loss is. grad_clip=0.05 is below every gradient norm here: clipping acts.
 # 41 items: the processes get 21 and 20, so FSDP evaluation needs the padding forwards.
 SETS = ["train.steps=4", "train.save_every=2", "train.keep_last=0", "train.log_every=1", "train.grad_accum=2",
-        "train.balance_coef=0", "optim.eps=1e-6", "optim.grad_clip=0.05", "model.name=moh-llm-tiny-50",
-        "model.overrides={depth: 2, dim: 32, num_heads: 4, num_shared: 1, top_k: 2, vocab_size: 32, max_seq_len: 16}",
+        "optim.eps=1e-6", "optim.grad_clip=0.05", "model.name=moh-llm-tiny-50",
+        "model.overrides={depth: 2, dim: 32, num_heads: 4, num_shared: 1, top_k: 2, vocab_size: 32, max_seq_len: 16,"
+        " aux_loss_coef: 0}",
         "data.name=mqar", "data.args={num_examples: 41, seq_len: 16, num_kv_pairs: 2, vocab_size: 32}"]
 
 

@@ -1,32 +1,136 @@
-"""What every model family shares: its output object and per-layer head schedules."""
+"""What every model family shares: the head specification of its config, its output object and
+the metrics convention the training engine relies on.
+
+The one aux-loss convention of moh: a model adds its load-balance loss to its ``loss`` itself,
+once, weighted by its config's ``aux_loss_coef`` (the Mixtral convention of transformers, where the
+model adds ``router_aux_loss_coef * aux_loss``). The training engine minimises ``out.loss`` as it
+is and never adds anything; ``task_loss`` and ``aux_loss`` are reported beside it for logging.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from torch import Tensor
 
+from moh.config import MoHConfig
 from moh.core.routing import Routing, total_load_balance_loss
+
+IGNORE_INDEX = -100
+Number = Union[Tensor, float, int]
+
+
+@dataclass
+class HeadSpec:
+    """The attention-head fields every family config shares (a base class of ``ViTConfig``,
+    ``DecoderConfig``, ...). Each layer is an MoH layer with ``num_shared`` shared heads and the
+    top ``top_k`` of the others (``layer_heads``: one [num_shared, top_k] pair per layer instead);
+    ``router="all"`` is plain multi-head attention."""
+
+    num_heads: int = 8
+    num_kv_heads: Optional[int] = None  # None: num_heads (no grouped-query attention)
+    head_dim: Optional[int] = None  # None: dim // num_heads
+    num_shared: int = 0
+    top_k: Optional[int] = None  # None: every routed head
+    layer_heads: Optional[list] = None  # per-layer [num_shared, top_k]; overrides the two above
+    router: str = "two_stage"  # a name in moh.ROUTERS
+    backend: str = "sparse"  # a name in moh.BACKENDS
+    qk_norm: bool = False
+    attn_dropout: float = 0.0
+    aux_loss_coef: float = 0.01  # beta: loss = task loss + beta * load-balance loss (paper Eq. 8)
+
+    def layer_configs(self, dim: int, depth: int, **fixed) -> list[MoHConfig]:
+        """One ``MoHConfig`` per layer; ``fixed``: the family's own attention settings
+        (causal, rope, biases, ...)."""
+        if not isinstance(self.aux_loss_coef, (int, float)) or not self.aux_loss_coef >= 0:
+            raise ValueError(f"aux_loss_coef={self.aux_loss_coef!r} must be a number >= 0")
+        return [
+            MoHConfig(dim=dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                      num_shared=s, top_k=k, router=self.router, backend=self.backend, qk_norm=self.qk_norm,
+                      dropout=self.attn_dropout, **fixed)
+            for s, k in layer_heads(depth, self.num_heads, self.num_shared, self.top_k, self.layer_heads)
+        ]
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor
-    loss: Optional[Tensor] = None  # the task loss (cross-entropy, ...), without the balance loss
-    routings: list[Routing] = field(default_factory=list)  # one per layer
+    """What every moh model returns.
+
+    loss:      what to minimise: ``task_loss + aux_loss_coef * aux_loss`` (None without targets).
+    task_loss: the task's own loss (cross-entropy, diffusion MSE, ...), without the balance term.
+    aux_loss:  the load-balance loss (paper Eq. 7), mean over layers with learned routers.
+    logits:    (B, C) or (B, T, V); None for models that predict no classes (a denoiser).
+    routings:  one ``Routing`` per layer.
+    metrics:   name -> (sum, count): the engine sums both over batches and processes and reports
+               sum / count (``standard_metrics`` makes the usual ones).
+    """
+
+    loss: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+    task_loss: Optional[Tensor] = None
+    aux_loss: Optional[Tensor] = None
+    routings: list[Routing] = field(default_factory=list)
+    metrics: dict[str, tuple[Number, Number]] = field(default_factory=dict)
     token_mask: Optional[Tensor] = None  # (B, T) tokens that count for routing statistics
     cache: Optional[object] = None
 
-    @property
-    def aux_loss(self) -> Tensor:
-        """Load-balance loss, mean over layers (paper Eq. 7); the trainer adds beta times it."""
-        return total_load_balance_loss(self.routings, self.token_mask)
-
     def active_fraction(self) -> float:
         """Measured fraction of (token, head) pairs computed, over all layers."""
-        if not self.routings:
-            return 1.0
-        return sum(r.active_fraction(self.token_mask) for r in self.routings) / len(self.routings)
+        return active_fraction(self.routings, self.token_mask)
+
+
+def active_fraction(routings: Sequence[Routing], token_mask: Optional[Tensor] = None) -> float:
+    if not routings:
+        return 1.0
+    return sum(r.active_fraction(token_mask) for r in routings) / len(routings)
+
+
+def with_aux_loss(task_loss: Optional[Tensor], routings: Sequence[Routing], coef: float,
+                  token_mask: Optional[Tensor] = None) -> tuple[Optional[Tensor], Tensor]:
+    """(loss, aux_loss): the balance loss over ``routings`` and the loss to minimise, ``task_loss +
+    coef * aux_loss`` (None without a task loss). The only place a model adds the balance term."""
+    aux = total_load_balance_loss(list(routings), token_mask)
+    if task_loss is None:
+        return None, aux
+    return (task_loss + coef * aux if coef else task_loss), aux
+
+
+def accuracy_counts(logits: Tensor, labels: Tensor) -> tuple[int, int]:
+    """(correct, counted) predictions. Classifiers: logits (B, C) vs labels (B). Decoders: logits
+    (B, T, V) vs labels (B, T), position t predicting labels[t + 1], -100 ignored."""
+    if logits.dim() == 2:
+        pred, target = logits.argmax(-1), labels
+    elif logits.dim() == 3:
+        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    else:
+        raise ValueError(f"logits must be (B, C) or (B, T, V), got shape {tuple(logits.shape)}")
+    valid = target != IGNORE_INDEX
+    return int(((pred == target) & valid).sum()), int(valid.sum())
+
+
+def standard_metrics(out: ModelOutput, labels: Optional[Tensor], items: int) -> dict[str, tuple[Number, Number]]:
+    """The metrics of a model with a task loss: ``task_loss`` and ``acc`` per counted prediction
+    (tokens for decoders, images for classifiers; ``acc`` only with logits), ``aux_loss`` per
+    batch and ``heads_active`` per item (``items``: the batch size)."""
+    metrics: dict[str, tuple[Number, Number]] = {}
+    count = items
+    if out.logits is not None and labels is not None:
+        correct, count = accuracy_counts(out.logits.detach(), labels)
+        metrics["acc"] = (correct, count)
+    if out.task_loss is not None:
+        metrics["task_loss"] = (out.task_loss.detach().float() * count, count)
+    if out.aux_loss is not None:
+        metrics["aux_loss"] = (out.aux_loss.detach().float(), 1)
+    metrics["heads_active"] = (out.active_fraction() * items, items)
+    return metrics
+
+
+def finish_output(out: ModelOutput, coef: float, labels: Optional[Tensor], items: int) -> ModelOutput:
+    """Fill ``loss``, ``aux_loss`` and ``metrics`` of an output whose ``task_loss``, ``logits``,
+    ``routings`` and ``token_mask`` are set: what every family's forward ends with."""
+    out.loss, out.aux_loss = with_aux_loss(out.task_loss, out.routings, coef, out.token_mask)
+    out.metrics = standard_metrics(out, labels, items)
+    return out
 
 
 def layer_heads(
@@ -34,6 +138,8 @@ def layer_heads(
 ) -> list[tuple[int, int]]:
     """Per-layer (num_shared, top_k). ``schedule`` is None (same split everywhere) or ``depth``
     pairs [num_shared, top_k] (the paper's ViT-B-75 changes the split per stage)."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"depth={depth!r} must be a positive integer")
     if schedule is None:
         k = num_heads - num_shared if top_k is None else top_k
         return [(num_shared, k)] * depth
@@ -41,7 +147,12 @@ def layer_heads(
         raise ValueError(f"layer_heads has {len(schedule)} entries; the model has depth={depth}")
     out = []
     for i, pair in enumerate(schedule):
-        if len(pair) != 2:
-            raise ValueError(f"layer_heads[{i}]={list(pair)} must be [num_shared, top_k]")
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise ValueError(f"layer_heads[{i}]={pair!r} must be [num_shared, top_k] (two integers)")
         out.append((int(pair[0]), int(pair[1])))
     return out
+
+
+__all__ = ["HeadSpec", "ModelOutput", "IGNORE_INDEX", "accuracy_counts", "standard_metrics", "finish_output",
+           "with_aux_loss", "layer_heads", "active_fraction"]

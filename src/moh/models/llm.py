@@ -18,40 +18,23 @@ from moh.core.cache import LayerCaches
 from moh.layers.block import Block
 from moh.layers.mlp import SwiGLU
 from moh.layers.norm import RMSNorm
-from moh.models.base import ModelOutput, layer_heads
+from moh.models.base import HeadSpec, ModelOutput, finish_output
 from moh.models.factory import MODELS
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(HeadSpec):
     vocab_size: int = 256
     max_seq_len: int = 512
     dim: int = 128
     depth: int = 4
-    num_heads: int = 8
-    num_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    num_shared: int = 0
-    top_k: Optional[int] = None
-    layer_heads: Optional[list] = None  # per-layer [num_shared, top_k]
-    router: str = "two_stage"
-    backend: str = "sparse"
     mlp_hidden: Optional[int] = None  # None: about 8/3 * dim, rounded up to a multiple of 32
     rope_theta: float = 10000.0
-    qk_norm: bool = False
-    attn_dropout: float = 0.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
 
     def attention_configs(self) -> list[MoHConfig]:
-        return [
-            MoHConfig(
-                dim=self.dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                num_shared=s, top_k=k, router=self.router, backend=self.backend, causal=True, rope=True,
-                rope_theta=self.rope_theta, qk_norm=self.qk_norm, dropout=self.attn_dropout,
-            )
-            for s, k in layer_heads(self.depth, self.num_heads, self.num_shared, self.top_k, self.layer_heads)
-        ]
+        return self.layer_configs(self.dim, self.depth, causal=True, rope=True, rope_theta=self.rope_theta)
 
     @property
     def hidden(self) -> int:
@@ -101,13 +84,14 @@ class Decoder(nn.Module):
             x, r = blk(x, attention_mask, cache[i] if cache is not None else None, positions)
             routings.append(r)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
-        loss = None
+        task_loss = None
         if labels is not None:
-            loss = F.cross_entropy(
+            task_loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         token_mask = None if attention_mask is None else attention_mask[:, past:].bool()
-        return ModelOutput(logits=logits, loss=loss, routings=routings, token_mask=token_mask, cache=cache)
+        out = ModelOutput(logits=logits, task_loss=task_loss, routings=routings, token_mask=token_mask, cache=cache)
+        return finish_output(out, self.cfg.aux_loss_coef, labels, B)
 
     def new_cache(self, capacity: int = 256) -> LayerCaches:
         return LayerCaches(len(self.blocks), capacity)

@@ -17,12 +17,12 @@ from moh.config import MoHConfig
 from moh.core.attention import MoHAttention
 from moh.layers.block import Block
 from moh.layers.mlp import MLP
-from moh.models.base import ModelOutput, layer_heads
+from moh.models.base import HeadSpec, ModelOutput, finish_output
 from moh.models.factory import MODELS
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(HeadSpec):
     image_size: int = 28
     patch_size: int = 4
     in_chans: int = 1
@@ -30,15 +30,9 @@ class ViTConfig:
     dim: int = 192
     depth: int = 6
     num_heads: int = 6
-    num_shared: int = 0
-    top_k: Optional[int] = None  # None: every routed head
-    layer_heads: Optional[list] = None  # per-layer [num_shared, top_k]; overrides the two above
-    router: str = "two_stage"
-    backend: str = "sparse"
     mlp_ratio: float = 4.0
     pool: str = "cls"  # "cls" or "mean"
     dropout: float = 0.0
-    attn_dropout: float = 0.0
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
@@ -48,13 +42,7 @@ class ViTConfig:
             raise ValueError(f"pool={self.pool!r}; valid choices: ['cls', 'mean']")
 
     def attention_configs(self) -> list[MoHConfig]:
-        return [
-            MoHConfig(
-                dim=self.dim, num_heads=self.num_heads, num_shared=s, top_k=k, router=self.router,
-                backend=self.backend, dropout=self.attn_dropout, qkv_bias=True, out_bias=True,
-            )
-            for s, k in layer_heads(self.depth, self.num_heads, self.num_shared, self.top_k, self.layer_heads)
-        ]
+        return self.layer_configs(self.dim, self.depth, qkv_bias=True, out_bias=True)
 
     def build(self) -> "ViT":
         return ViT(self)
@@ -96,8 +84,9 @@ class ViT(nn.Module):
             routings.append(r)
         x = self.norm(x)
         logits = self.head(x[:, 0] if self.cls_token is not None else x.mean(1))
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss, routings=routings)
+        task_loss = F.cross_entropy(logits, labels) if labels is not None else None
+        out = ModelOutput(logits=logits, task_loss=task_loss, routings=routings)
+        return finish_output(out, c.aux_loss_coef, labels, images.shape[0])
 
 
 def _init_weights(m: nn.Module) -> None:

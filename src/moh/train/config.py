@@ -45,7 +45,6 @@ class LoopConfig:
     batch_size: int = 64  # per process, per micro-batch
     grad_accum: int = 1
     seed: int = 0
-    balance_coef: float = 0.01  # beta: loss = task loss + beta * load-balance loss
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 0  # 0: the whole eval split

@@ -4,7 +4,9 @@ The same code runs in one CPU process, in several with DDP (``torchrun`` / ``acc
 and with FSDP2: through accelerate's FSDP config (``fsdp_version: 2``, GPU clusters) or with
 ``train.fsdp=true`` under torchrun on any backend (``moh.train.distributed`` holds the FSDP
 specifics; checkpoints always hold full, unsharded state). Models are called as
-``model(**batch)`` and return a ``ModelOutput``; the loss is ``out.loss + balance_coef * out.aux_loss``.
+``model(**batch)`` and return a ``ModelOutput`` (``moh.models.base``): the engine minimises
+``out.loss`` as the model made it (the model adds its load-balance term, once) and logs the
+model's own ``out.metrics``; it knows nothing else about the task (classifier, decoder, denoiser).
 
 Run directory (``train.out_dir``):
     config.yaml  model.safetensors  final.json     the result (``load_run`` reads these)
@@ -36,13 +38,12 @@ from moh.models import create_model
 from moh.train import checkpoint as ckpt
 from moh.train.config import RunConfig
 from moh.train.distributed import is_sharded, local_tensor, no_sync, scalar, shard_model
-from moh.train.metrics import MetricsLogger, batch_accuracy, count_items, reduce_sums
+from moh.train.metrics import MetricsLogger, add_metric_sums, count_items, metric_means, reduce_sums
 from moh.train.sampler import ResumableBatchSampler
 from moh.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
-TRAIN_KEYS = ("loss", "task_loss", "aux_loss", "acc", "heads_active")
 
 
 @dataclass
@@ -65,10 +66,10 @@ def _dist_world() -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 64, max_batches: int = 0) -> dict:
-    """Mean task loss, accuracy and fraction of heads active over ``data`` (or its first
-    ``max_batches`` batches per process). Under torch.distributed each process evaluates every
-    world_size-th item and the sums are all-reduced, so every process returns the same dict.
-    loss and acc are per counted prediction (tokens for decoders), heads_active per item."""
+    """The model's own metrics (``ModelOutput.metrics``: sum / count) over ``data`` (or its first
+    ``max_batches`` batches per process); ``loss`` is the task loss per counted prediction (tokens for
+    decoders), ``n`` the number of items. Under torch.distributed each process evaluates every
+    world_size-th item and the sums are all-reduced, so every process returns the same dict."""
     rank, world = _dist_world()
     device = next(model.parameters()).device
     shard = Subset(data, range(rank, len(data), world)) if world > 1 else data
@@ -76,27 +77,26 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 64, max_batches:
     n_batches = min(len(loader), max_batches) if max_batches else len(loader)
     was_training = model.training
     model.eval()
-    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "heads": 0.0, "n": 0.0}
+    sums: dict[str, float] = {"n": 0.0}
     for i, batch in enumerate(loader):
         if i >= n_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        correct, count = batch_accuracy(out.logits, batch["labels"])
-        n = out.logits.shape[0]
-        sums["loss"] += float(out.loss) * count
-        sums["correct"] += correct
-        sums["count"] += count
-        sums["heads"] += out.active_fraction() * n
-        sums["n"] += n
+        add_metric_sums(sums, model(**batch).metrics)
+        sums["n"] += _batch_size(batch)
     if is_sharded(model):
         _match_forwards(model, data, n_batches, batch_size, max_batches, world, device)
     model.train(was_training)
     if world > 1:
         sums = reduce_sums(sums, _all_reduce_sum)
-    c = max(sums["count"], 1.0)
-    return {"loss": sums["loss"] / c, "acc": sums["correct"] / c,
-            "heads_active": sums["heads"] / max(sums["n"], 1.0), "n": int(sums["n"])}
+    means = metric_means(sums)
+    if "task_loss" in means:
+        means = {"loss": means.pop("task_loss"), **means}
+    return {**means, "n": int(sums["n"])}
+
+
+def _batch_size(batch: dict) -> int:
+    return next(v for v in batch.values() if isinstance(v, Tensor)).shape[0]
 
 
 def _match_forwards(model: nn.Module, data: Dataset, done: int, batch_size: int, max_batches: int, world: int,
@@ -190,32 +190,32 @@ class _Window:
         return sums
 
 
-def _train_step(model, optimizer, accelerator, micro_batches: list[dict], cfg: RunConfig, window: _Window) -> dict:
-    """One optimizer step over ``grad_accum`` micro-batches; returns this process's stats (means of
-    the losses and heads active, sums of correct / counted predictions and items)."""
-    accum, coef = len(micro_batches), cfg.train.balance_coef
-    local = {"loss": 0.0, "task_loss": 0.0, "aux_loss": 0.0, "heads_active": 0.0, "correct": 0, "count": 0, "items": 0}
+def _train_step(model, optimizer, accelerator, micro_batches: list[dict], grad_clip: float, window: _Window) -> dict:
+    """One optimizer step over ``grad_accum`` micro-batches, minimising the models' own ``loss``
+    (the balance term included by the model); returns this process's loss (mean over the
+    micro-batches), metric sums and items."""
+    accum = len(micro_batches)
+    local: dict[str, float] = {"loss": 0.0, "items": 0.0}
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         # gradients are all-reduced once per step: skip the sync on all but the last micro-batch
         sync = contextlib.nullcontext() if i == accum - 1 else no_sync(model, accelerator)
         with sync:
             out = model(**batch)
-            aux = out.aux_loss
-            loss = out.loss + coef * aux
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} (task {out.loss.item()}, aux {aux.item()})")
-            accelerator.backward((loss + _touch_all_params(model)) / accum)
-        correct, count = batch_accuracy(out.logits.detach(), batch["labels"])
-        stats = {"loss": loss.item(), "task_loss": out.loss.item(), "aux_loss": aux.item(),
-                 "heads_active": out.active_fraction()}
-        for k, v in stats.items():
-            local[k] += v / accum
-        items = count_items(batch)
-        local.update(correct=local["correct"] + correct, count=local["count"] + count, items=local["items"] + items)
-        window.add(**{k: v / accum for k, v in stats.items()}, correct=correct, count=count, items=items)
-    if cfg.optim.grad_clip > 0:
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if out.loss is None:
+                raise ValueError(f"{type(accelerator.unwrap_model(model)).__name__} returned no loss for a training "
+                                 f"batch with keys {sorted(batch)}: the data set gives no targets for this model")
+            if not torch.isfinite(out.loss):
+                parts = ", ".join(f"{k} {float(v):.4g}" for k, v in (("task", out.task_loss), ("aux", out.aux_loss))
+                                  if v is not None)
+                raise FloatingPointError(f"loss is {out.loss.item()} ({parts})")
+            accelerator.backward((out.loss + _touch_all_params(model)) / accum)
+        local["loss"] += out.loss.item() / accum
+        local["items"] += count_items(batch)
+        add_metric_sums(local, out.metrics)
+    window.add(**local)
+    if grad_clip > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
         window.add(grad_norm=scalar(norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -263,13 +263,14 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        local = _train_step(model, optimizer, accelerator, [next(batches) for _ in range(t.grad_accum)], cfg, window)
+        local = _train_step(model, optimizer, accelerator, [next(batches) for _ in range(t.grad_accum)],
+                            cfg.optim.grad_clip, window)
         seconds = time.perf_counter() - t0
         window.seconds += seconds  # step time only: logging, eval, saving excluded
         bar.update(1)
-        bar.set_postfix(loss=f"{local['loss']:.3f}", acc=f"{local['correct'] / max(local['count'], 1):.3f}",
-                        items_s=f"{local['items'] * world / seconds:.0f}", heads=f"{local['heads_active']:.2f}",
-                        refresh=False)
+        shown = metric_means(local)
+        bar.set_postfix(loss=f"{local['loss']:.3f}", **{k: f"{shown[k]:.3f}" for k in ("acc", "heads_active") if k in shown},
+                        items_s=f"{local['items'] * world / seconds:.0f}", refresh=False)
         _after_step(step + 1, cfg, accelerator, raw, optimizer, eval_data, window, lr, metrics, evals)
     bar.close()
     final = evaluate(raw, eval_data, t.batch_size, t.eval_batches)
@@ -351,10 +352,7 @@ def _log_record(window: _Window, step: int, lr: float, world: int, reduce) -> di
     steps, seconds = window.steps, window.seconds
     sums = window.pop(reduce)
     per_step = steps * world
-    rec = {"step": step}
-    for k in ("loss", "task_loss", "aux_loss", "heads_active"):
-        rec[k] = sums[k] / per_step
-    rec["acc"] = sums["correct"] / max(sums["count"], 1.0)
+    rec = {"step": step, "loss": sums["loss"] / per_step, **metric_means(sums)}
     rec["lr"] = lr
     rec["items_per_s"] = sums["items"] / max(seconds, 1e-9)
     rec["step_time_s"] = seconds / max(steps, 1)

@@ -13,21 +13,20 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+def add_metric_sums(sums: dict[str, float], metrics: dict) -> dict[str, float]:
+    """Add a model's ``metrics`` (name -> (sum, count), see ``moh.models.base.ModelOutput``) into
+    flat running sums ``name.sum`` / ``name.count`` (flat floats: one collective reduces them all)."""
+    for name, (total, count) in metrics.items():
+        for part, value in (("sum", total), ("count", count)):
+            key = f"{name}.{part}"
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
 
 
-def batch_accuracy(logits: Tensor, labels: Tensor) -> tuple[int, int]:
-    """(correct, counted) predictions. Classifiers: logits (B, C) vs labels (B). Decoders: logits
-    (B, T, V) vs labels (B, T), position t predicting labels[t + 1], -100 ignored (as in
-    ``Decoder.forward``)."""
-    if logits.dim() == 2:
-        pred, target = logits.argmax(-1), labels
-    elif logits.dim() == 3:
-        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
-    else:
-        raise ValueError(f"logits must be (B, C) or (B, T, V), got shape {tuple(logits.shape)}")
-    valid = target != IGNORE_INDEX
-    return int(((pred == target) & valid).sum()), int(valid.sum())
+def metric_means(sums: dict[str, float]) -> dict[str, float]:
+    """sum / count of every metric in sums made by ``add_metric_sums`` (other keys are ignored)."""
+    names = [k[: -len(".sum")] for k in sums if k.endswith(".sum")]
+    return {n: sums[f"{n}.sum"] / sums[f"{n}.count"] if sums[f"{n}.count"] else float("nan") for n in names}
 
 
 def count_items(batch: dict) -> int:
