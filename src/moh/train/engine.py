@@ -219,6 +219,9 @@ def _train_step(model, optimizer, accelerator, micro_batches: list[dict], grad_c
         window.add(grad_norm=scalar(norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    hook = getattr(accelerator.unwrap_model(model), "after_optimizer_step", None)
+    if hook is not None:  # e.g. an EMA of the weights (DiT): state the model keeps in its buffers
+        hook()
     window.steps += 1
     return local
 
