@@ -37,3 +37,10 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+
+# The two registries of the attention core live here, below everything that fills them, so that
+# ``moh.config`` can validate names without importing the routers or backends (no import cycle).
+# ``moh.core.routers`` and ``moh.backends`` register into them; ``import moh`` imports both.
+ROUTERS: Registry = Registry("router")  # name -> router class, built as cls(MoHConfig)
+BACKENDS: Registry = Registry("backend")  # name -> callable(AttentionCall) -> Tensor (B, T, D)

@@ -1,9 +1,11 @@
 """Every backend equals ``reference``: outputs (<= 1e-5) and gradients (<= 1e-4), fp32.
 
 Property-based over shapes, head splits, routers, causal / bidirectional, padding masks, GQA,
-RoPE, qk-norm and the KV cache. ``sparse``'s block sizes are drawn small so that the blocked causal
-paths run with several blocks even on these tiny sequences, and its dense-from fraction so that
-partially used heads run both gathered and whole.
+RoPE, qk-norm and the KV cache. ``sparse`` runs twice per case: with the CPU kernels, and with the
+kernel choice forced to a non-CPU device (the portable kernels every other device uses). Its
+tuning is drawn: block sizes small so that the blocked causal paths run with several blocks even
+on these tiny sequences, the dense-from fraction so that partially used heads run both gathered
+and whole.
 """
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moh.backends import BACKENDS
-from moh.backends.sparse import backend as sparse_mod
+from moh.backends.sparse import SparseBackend, kernels
+from moh.backends.sparse.tuning import CPU, CUDA, replace
 from moh.config import MoHConfig
 from moh.core.attention import MoHAttention
 from moh.core.cache import KVCache
 
 FAST_BACKENDS = [b for b in BACKENDS.names() if b != "reference"]
+# the sparse backend with its kernel choice forced to a CUDA-like device, on CPU tensors (no Triton)
+BACKENDS.register("sparse_portable", overwrite=True)(SparseBackend(replace(CUDA, triton=False), device="cuda"))
 
 
 def build(seed: int, **kw) -> MoHAttention:
@@ -61,9 +66,9 @@ def run(m: MoHAttention, backend: str, x, mask, prefix=None, prefix_mask=None):
     return out.detach(), grads
 
 
-def assert_same(m, x, mask, prefix=None, prefix_mask=None):
+def assert_same(m, x, mask, prefix=None, prefix_mask=None, backends=None):
     ref_out, ref_grads = run(m, "reference", x, mask, prefix, prefix_mask)
-    for backend in FAST_BACKENDS:
+    for backend in backends or FAST_BACKENDS + ["sparse_portable"]:
         out, grads = run(m, backend, x, mask, prefix, prefix_mask)
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=lambda s: f"{backend}: {s}")
         assert grads.keys() == ref_grads.keys(), backend
@@ -106,16 +111,12 @@ def test_backends_match_reference(case):
     prefix_mask = mask[:, :P] if (P and mask is not None and mask.dim() == 2) else None
     # small blocks: several blocks even on these tiny sequences; dense_from 0 computes every used
     # head for all rows (gate 0 where unused), 1.01 gathers every partially used head
-    knobs = dict(ROW_BLOCK=case["row_block"], FLASH_BLOCK=case["row_block"], DENSE_FROM=case["dense_from"],
-                 DENSE_FROM_CAUSAL=case["dense_from"])
-    old = {name: getattr(sparse_mod, name) for name in knobs}
-    for name, value in knobs.items():
-        setattr(sparse_mod, name, value)
-    try:
-        assert_same(m, x, mask, prefix, prefix_mask)
-    finally:
-        for name, value in old.items():
-            setattr(sparse_mod, name, value)
+    knobs = dict(row_block=case["row_block"], flash_block=case["row_block"], dense_from=case["dense_from"],
+                 dense_from_causal=case["dense_from"])
+    BACKENDS.register("sparse_case", overwrite=True)(SparseBackend(replace(CPU, **knobs)))
+    BACKENDS.register("sparse_case_portable", overwrite=True)(
+        SparseBackend(replace(CUDA, triton=False, **knobs), device="cuda"))
+    assert_same(m, x, mask, prefix, prefix_mask, backends=["masked", "sparse_case", "sparse_case_portable"])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -167,7 +168,7 @@ def test_block_attention_backward_is_the_gradient(dropout_p):
 
     def f(q, k, v):
         torch.manual_seed(0)
-        return sparse_mod._BlockAttention.apply(q, k, v, blocks, mask_, dropout_p)
+        return kernels._BlockAttention.apply(q, k, v, blocks, mask_, dropout_p)
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, 3, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 8, 8))
@@ -181,11 +182,7 @@ def test_flash_causal_rows_backward_is_the_gradient():
     qpos = torch.tensor([[[0, 2, 3, 6, 7], [1, 2, 4, 5, 7]]])  # (B=1, P=2, M=5), ascending rows per head
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 3, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 8, 8))
-    old = sparse_mod.FLASH_BLOCK
-    sparse_mod.FLASH_BLOCK = 2  # blocks (0,2) (2,4) (4,5): one with no key before its first row
-    try:
-        assert torch.autograd.gradcheck(lambda a, b, c: sparse_mod._causal_flash(a, b, c, qpos, 0.7), (q, k, v))
-        ref = torch.softmax((q @ k.transpose(-1, -2) * 0.7).masked_fill(torch.arange(8) > qpos[..., None], -1e300), -1) @ v
-        torch.testing.assert_close(sparse_mod._causal_flash(q, k, v, qpos, 0.7), ref)
-    finally:
-        sparse_mod.FLASH_BLOCK = old
+    # blocks of 2 rows: (0,2) (2,4) (4,5), one with no key before its first row
+    assert torch.autograd.gradcheck(lambda a, b, c: kernels.causal_flash(a, b, c, qpos, 0.7, 2), (q, k, v))
+    ref = torch.softmax((q @ k.transpose(-1, -2) * 0.7).masked_fill(torch.arange(8) > qpos[..., None], -1e300), -1) @ v
+    torch.testing.assert_close(kernels.causal_flash(q, k, v, qpos, 0.7, 2), ref)

@@ -12,10 +12,9 @@ from moh.backends.base import BACKENDS, AttentionCall, full_mask
 
 @BACKENDS.register("masked")
 def masked_attention(call: AttentionCall) -> Tensor:
-    B, T, D = call.x.shape
-    H = call.routing.num_heads
+    _, T, H = call.shape
     G = call.k.shape[1]
-    q = call.attn.project_queries(call.x, slice(None), call.positions, call.raw_q).transpose(1, 2)  # (B,H,T,hd)
+    q = call.q.heads(0, H).transpose(1, 2)  # (B, H, T, hd)
     k, v = call.k, call.v
     if G != H:
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
@@ -31,5 +30,5 @@ def masked_attention(call: AttentionCall) -> Tensor:
     gates = call.routing.gates_BTH
     if mask is not None:  # rows that see no key output 0 (see masked_softmax)
         gates = gates * mask.any(-1, keepdim=True).to(gates.dtype)
-    heads = heads * gates.transpose(1, 2).unsqueeze(-1)
-    return heads.transpose(1, 2).reshape(B, T, -1) @ call.attn.o_proj.weight.T
+    heads = heads * gates.transpose(1, 2).unsqueeze(-1).to(heads.dtype)
+    return call.out.dense(heads.transpose(1, 2))

@@ -9,8 +9,8 @@ G key/value heads, hd head width.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from functools import cache as _memo
 from typing import Optional
 
 import torch
@@ -21,8 +21,8 @@ from moh.config import MoHConfig
 from moh.core.cache import KVCache
 from moh.core.routers import build_router
 from moh.core.routing import Routing
-from moh.layers.gather import gather_bmm
 from moh.layers.norm import RMSNorm
+from moh.layers.projection import OutputProjection, QueryProjection
 from moh.layers.rope import RotaryEmbedding, apply_rope
 
 
@@ -33,9 +33,14 @@ class MoHOutput:
 
 
 class MoHAttention(nn.Module):
+    """Mixture-of-Head attention. Parameters are named as in LLaMA / HF attention (q_proj, k_proj,
+    v_proj, o_proj), so pretrained weights copy over and adapters (PEFT) target them by name;
+    the router's parameters live under ``router``. Any module may replace a projection after
+    construction (a LoRA layer, a quantised linear): every backend uses what is there."""
+
     def __init__(self, cfg: MoHConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = dataclasses.replace(cfg)  # this layer's own copy: set_backend never reaches other layers
         H, G, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dim
         self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, G * hd, bias=cfg.qkv_bias)
@@ -46,61 +51,10 @@ class MoHAttention(nn.Module):
         self.rotary = RotaryEmbedding(hd, cfg.rope_theta) if cfg.rope else None
         self.router = build_router(cfg)
 
-    # ------------------------------------------------------------------------------------------
     def set_backend(self, name: str) -> None:
         BACKENDS.get(name)  # validates
         self.cfg.backend = name
 
-    def project_queries(self, x_nD: Tensor, heads: slice, positions_n: Tensor, raw: Optional[Tensor] = None) -> Tensor:
-        """Queries of ``heads`` for the rows of ``x_nD`` (any leading shape ...):
-        (..., D) -> (..., h, hd), after qk-norm and RoPE at ``positions_n`` (shape ...).
-        ``raw`` (..., H, hd): the query projection of the same rows if already made (then reused)."""
-        H, hd, D = self.cfg.num_heads, self.cfg.head_dim, self.cfg.dim
-        if raw is not None:
-            q = raw[..., heads, :]
-        else:
-            w = self.q_proj.weight.view(H, hd, D)[heads].reshape(-1, D)
-            b = None if self.q_proj.bias is None else self.q_proj.bias.view(H, hd)[heads].reshape(-1)
-            q = nn.functional.linear(x_nD, w, b).unflatten(-1, (-1, hd))
-        return self._norm_rope(q, positions_n.unsqueeze(-1))
-
-    def project_head_rows(self, x_nD: Tensor, rows_BPM: Tensor, heads: list[int], positions_BPM: Tensor) -> Tensor:
-        """Queries of head ``heads[p]`` for the rows ``x_nD[rows_BPM[:, p]]`` (each head its own
-        rows; x (n, D) flattened over batch and tokens) -> (B, P, M, hd), after qk-norm and RoPE at
-        ``positions_BPM``."""
-        H, hd, D = self.cfg.num_heads, self.cfg.head_dim, self.cfg.dim
-        w = self.q_proj.weight.view(H, hd, D)[heads]  # (P, hd, D)
-        q = gather_bmm(x_nD, rows_BPM, w.transpose(1, 2))  # (B, P, M, hd)
-        if self.q_proj.bias is not None:
-            q = q + self.q_proj.bias.view(H, hd)[heads][:, None]
-        return self._norm_rope(q, positions_BPM)
-
-    def gather_head_rows(self, raw_BTHd: Tensor, heads: list[int], tokens_BPM: Tensor, positions_BPM: Tensor) -> Tensor:
-        """Like ``project_head_rows``, from queries already projected: head ``heads[p]`` of the tokens
-        ``tokens_BPM[b, p]`` (indices within item b) of ``raw_BTHd`` (B, T, H, hd) -> (B, P, M, hd),
-        after qk-norm and RoPE."""
-        B, T, H, hd = raw_BTHd.shape
-        P, M = tokens_BPM.shape[1:]
-        head = torch.tensor(heads, device=tokens_BPM.device)[None, :, None]
-        flat = ((torch.arange(B, device=tokens_BPM.device)[:, None, None] * T + tokens_BPM) * H + head).view(-1)
-        q = raw_BTHd.reshape(B * T * H, hd).index_select(0, flat).view(B, P, M, hd)
-        return self._norm_rope(q, positions_BPM)
-
-    def _norm_rope(self, q: Tensor, positions: Tensor) -> Tensor:
-        """qk-norm and RoPE of queries q (..., hd); ``positions`` broadcast to q's leading shape."""
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(positions, q.dtype)
-            q = apply_rope(q, cos, sin)
-        return q
-
-    def out_weight(self, head: int) -> Tensor:
-        """W_O^h as a (D, hd) view."""
-        hd = self.cfg.head_dim
-        return self.o_proj.weight[:, head * hd : (head + 1) * hd]
-
-    # ------------------------------------------------------------------------------------------
     def forward(
         self,
         x: Tensor,
@@ -110,7 +64,8 @@ class MoHAttention(nn.Module):
     ) -> MoHOutput:
         """x (B, T, D). ``attention_mask``: bool/0-1 (B, S) key padding, or bool (B, T, S) /
         (B, 1, T, S), True = may attend; S counts cached plus new positions. ``positions`` (B, T)
-        are RoPE positions (default: cache length + 0..T-1)."""
+        are RoPE positions (default: cache length + 0..T-1). Everything is validated before the
+        cache is touched: a rejected call leaves it as it was."""
         cfg = self.cfg
         if x.dim() != 3 or x.shape[-1] != cfg.dim:
             raise ValueError(f"input must have shape (B, T, dim={cfg.dim}), got {tuple(x.shape)}")
@@ -118,9 +73,29 @@ class MoHAttention(nn.Module):
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
-        elif positions.shape != (B, T):
+        elif tuple(positions.shape) != (B, T):
             raise ValueError(f"positions must have shape {(B, T)}, got {tuple(positions.shape)}")
-        G, hd = cfg.num_kv_heads, cfg.head_dim
+        key_mask = normalize_mask(attention_mask, B, T, past + T)
+        if cache is not None:
+            cache.check(B, cfg.num_kv_heads, cfg.head_dim)
+        k, v = self._keys_values(x, positions)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        q = QueryProjection(self.q_proj, x, positions, cfg.num_heads, cfg.head_dim, self.q_norm, self.rotary)
+        routing = self.router(x, q.raw)  # q.raw: the full query projection, made only if a router asks
+        out = OutputProjection(self.o_proj, cfg.num_heads, cfg.head_dim)
+        if B == 0 or T == 0:  # nothing to attend: the output projection's bias (or zeros)
+            return MoHOutput(out.start(B, T).finish().to(x.dtype), routing)
+        call = AttentionCall(
+            q=q, k=k, v=v, out=out, routing=routing, key_mask=key_mask, causal=cfg.causal, q_offset=k.shape[2] - T,
+            positions=positions, scale=cfg.head_dim**-0.5, dropout_p=cfg.dropout if self.training else 0.0,
+        )
+        return MoHOutput(BACKENDS.get(cfg.backend)(call), routing)
+
+    def _keys_values(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the new tokens, (B, G, T, hd), keys after qk-norm and RoPE."""
+        B, T, _ = x.shape
+        G, hd = self.cfg.num_kv_heads, self.cfg.head_dim
         k = self.k_proj(x).view(B, T, G, hd)
         v = self.v_proj(x).view(B, T, G, hd)
         if self.k_norm is not None:
@@ -128,47 +103,24 @@ class MoHAttention(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(positions, k.dtype)
             k = apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2))
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, hd)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        S = k.shape[2]
-
-        @_memo
-        def raw_queries() -> Tensor:  # (B, T, H, hd), before qk-norm / RoPE; only some routers ask
-            return self.q_proj(x).view(B, T, cfg.num_heads, hd)
-
-        routing = self.router(x, raw_queries)
-        raw_q = raw_queries() if raw_queries.cache_info().currsize else None  # reuse, never force
-        call = AttentionCall(
-            x=x,
-            k=k,
-            v=v,
-            routing=routing,
-            key_mask=normalize_mask(attention_mask, B, T, S),
-            causal=cfg.causal,
-            q_offset=S - T,
-            positions=positions,
-            scale=hd**-0.5,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            attn=self,
-            raw_q=raw_q,
-        )
-        y = BACKENDS.get(cfg.backend)(call)
-        if self.o_proj.bias is not None:
-            y = y + self.o_proj.bias
-        return MoHOutput(y, routing)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
 
 def normalize_mask(mask: Optional[Tensor], B: int, T: int, S: int) -> Optional[Tensor]:
     """Any accepted mask -> bool (B, 1, S) or (B, T, S), True = may attend."""
     if mask is None:
         return None
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"attention_mask must be a tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point or mask.dim() != 2:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.dim() != 2:
             raise ValueError(
                 f"attention_mask must be bool (True = attend), or 0/1 integers for a (B, S) padding "
                 f"mask; got dtype {mask.dtype} with shape {tuple(mask.shape)}"
             )
+        bad = (mask != 0) & (mask != 1)
+        if bad.any():
+            raise ValueError(f"an integer attention_mask must hold only 0 and 1; found {mask[bad].unique()[:5].tolist()}")
         mask = mask != 0
     if mask.dim() == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]

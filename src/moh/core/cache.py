@@ -17,19 +17,23 @@ class KVCache:
         self.length = 0
         self._capacity = capacity
 
+    def check(self, B: int, G: int, hd: int) -> None:
+        """Raise (changing nothing) if keys of batch B, G heads, width hd cannot be appended."""
+        if self.k is not None and (self.k.shape[0] != B or self.k.shape[1] != G or self.k.shape[3] != hd):
+            raise ValueError(
+                f"cache holds batch/heads/width {tuple(self.k.shape[i] for i in (0, 1, 3))}, "
+                f"new keys have {(B, G, hd)}"
+            )
+
     def update(self, k_BGTd: Tensor, v_BGTd: Tensor) -> tuple[Tensor, Tensor]:
         """Append T new positions; return views of all keys/values so far, (B, G, length, hd)."""
         B, G, T, hd = k_BGTd.shape
+        self.check(B, G, hd)
         need = self.length + T
         if self.k is None:
             cap = max(self._capacity, need)
             self.k = k_BGTd.new_empty(B, G, cap, hd)
             self.v = v_BGTd.new_empty(B, G, cap, hd)
-        elif self.k.shape[0] != B or self.k.shape[1] != G or self.k.shape[3] != hd:
-            raise ValueError(
-                f"cache holds batch/heads/width {tuple(self.k.shape[i] for i in (0, 1, 3))}, "
-                f"new keys have {(B, G, hd)}"
-            )
         elif need > self.k.shape[2]:
             cap = max(need, 2 * self.k.shape[2])
             k_new, v_new = self.k.new_empty(B, G, cap, hd), self.v.new_empty(B, G, cap, hd)

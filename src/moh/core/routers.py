@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moh.core.routing import Routing
-from moh.registry import Registry
+from moh.registry import ROUTERS
 
-ROUTERS: Registry[type] = Registry("router")
 RawQueries = Callable[[], Tensor]
 
 

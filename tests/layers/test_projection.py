@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moh.layers.gather import gather_bmm
+from moh.layers.projection import gather_bmm
 
 
 def _inputs(dtype=torch.float64):

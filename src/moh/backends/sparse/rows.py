@@ -1,0 +1,69 @@
+"""Rows of partially used heads: which tokens use each head, gathered to a padded (B, P, M) grid
+in ascending order, with their positions, gates and per-row masks; and the keys/values each
+query head reads. Scattering the results back is the output projection's job
+(``moh.layers.projection.OutputProjection.add_rows``).
+
+Shape legend: B batch, T queries, S key positions, H heads, G key/value heads, P heads in a
+group, M rows per head, hd head width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class HeadRows:
+    """For head ``heads[p]`` of item b: the first ``count`` tokens that use it, ascending, padded
+    to M by repeating the last token (so rows stay ascending); padding rows are gated 0."""
+
+    heads: list[int]
+    tokens_BPM: Tensor  # token index within its item
+    valid_BPM: Tensor  # bool: a real row, not padding
+    flat_BPM: Tensor  # index into the B*T flattened rows
+    positions_BPM: Tensor  # RoPE positions of the rows
+
+    def key_index(self, q_offset: int) -> Tensor:
+        """(B, P, M) key index of every row (its causal horizon)."""
+        return self.tokens_BPM + q_offset
+
+
+def gather_rows(active_BTH: Tensor, heads: list[int], M: int, positions_BT: Tensor) -> HeadRows:
+    B, T, _ = active_BTH.shape
+    P = len(heads)
+    used = active_BTH[..., heads].transpose(1, 2)  # (B, P, T)
+    t = torch.arange(T, device=active_BTH.device)
+    order = torch.where(used, t, t + T).argsort(dim=-1)[..., :M]  # used rows first, ascending
+    valid = torch.arange(M, device=active_BTH.device) < used.sum(-1, keepdim=True)  # (B, P, M)
+    tokens = torch.where(valid, order, T - 1)
+    flat = tokens + (torch.arange(B, device=active_BTH.device) * T)[:, None, None]
+    positions = positions_BT.gather(1, tokens.view(B, -1)).view(B, P, M)
+    return HeadRows(heads, tokens, valid, flat, positions)
+
+
+def rows_mask(key_mask: Optional[Tensor], rows: HeadRows) -> Optional[Tensor]:
+    """The rows' own (B, P, M, S) mask when the layer's mask is per query (B, T, S); None for a
+    key-padding mask (B, 1, S) (kernels apply it to every row) or no mask."""
+    if key_mask is None or key_mask.shape[1] == 1:
+        return None
+    B, P, M = rows.tokens_BPM.shape
+    idx = rows.tokens_BPM.view(B, -1, 1).expand(B, P * M, key_mask.shape[-1])
+    return key_mask.gather(1, idx).view(B, P, M, -1)
+
+
+def row_gates(gates_BTH: Tensor, rows: HeadRows) -> Tensor:
+    """(B, P, M) router weight of every row, 0 on padding."""
+    return gates_BTH[..., rows.heads].transpose(1, 2).gather(2, rows.tokens_BPM) * rows.valid_BPM
+
+
+def kv_for_heads(k: Tensor, v: Tensor, heads: list[int], num_heads: int) -> tuple[Tensor, Tensor]:
+    """Keys/values read by query ``heads``, (B, P, S, hd): a view for a contiguous run without
+    grouped-query attention, else one gather along the head axis."""
+    G = k.shape[1]
+    if G == num_heads and heads == list(range(heads[0], heads[-1] + 1)):
+        return k[:, heads[0] : heads[-1] + 1], v[:, heads[0] : heads[-1] + 1]
+    g = torch.tensor([h // (num_heads // G) for h in heads], device=k.device)
+    return k.index_select(1, g), v.index_select(1, g)

@@ -1,0 +1,66 @@
+"""Tuning of the sparse backend: one frozen object per device kind, passed in, never patched.
+
+The CPU values were measured on a 2-core AMD EPYC VM (D=768, hd=64, torch 2.13; RESULTS.md
+section 1 has the measurements). The CUDA entry is a placeholder for the GPU kernels to tune on
+the device; until then it only turns off what exists for CPU tensors alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class SparseTuning:
+    # causal query rows per score block of the hand-written blocked kernel
+    row_block: int = 128
+    # partial heads are processed a few at a time so their gathered rows (B, P, M, D) stay near
+    # this size: measured faster than one large batch (75% heads, N=2048, D=768: 284 vs 322 ms),
+    # large temporaries being slow to allocate and falling out of cache
+    chunk_bytes: int = 8 << 20
+    # fraction of rows from which a head is computed for all rows instead of gathered: a gathered
+    # (row, head) costs more than one of a head computed whole (gather, 64-wide projections, and
+    # for causal attention blocks of rows instead of SDPA's causal kernel)
+    dense_from: float = 0.85
+    dense_from_causal: float = 0.6
+    # rows are gathered only with at least this many key positions per unit of width: gathering
+    # lost at every head ratio for a tiny ViT (17 keys, D=128: 1139 vs 1757 images/s at 50%) and
+    # won at 512 keys for D=768 (1 thread; at 2 threads about even)
+    gather_min_keys_per_width: float = 0.5
+    # rows per block of the CPU flash-kernel causal path (32-256 measured: 64 best fwd+bwd)
+    flash_block: int = 64
+    # query rows per head up to which two matmuls replace SDPA (decode steps: CPU SDPA on one row
+    # of a few heads is ~2x slower, 1.7 vs 0.8 ms for 6 heads over a 4k cache)
+    few_rows: int = 4
+    # torch's fused CPU flash kernel for gathered causal rows (exists for CPU tensors only)
+    cpu_flash: bool = True
+    # SDPA takes a boolean mask and returns 0 for rows that see no key (torch's CPU kernels do);
+    # False: an additive mask with the dtype's minimum and explicit zeroing of such rows, which
+    # gives the same result with every SDPA implementation
+    sdpa_bool_mask: bool = True
+    # Triton kernels (moh.backends.sparse.triton_kernels) for CUDA tensors, when triton imports
+    triton: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("row_block", "chunk_bytes", "flash_block", "few_rows"):
+            if getattr(self, name) < (0 if name == "few_rows" else 1):
+                raise ValueError(f"SparseTuning.{name}={getattr(self, name)} must be positive")
+
+
+CPU = SparseTuning()
+# Not tuned on a GPU yet (no device measured): the portable kernels, with the CPU-only fused
+# flash path and the boolean-mask assumption off; the GPU kernels set their own values here.
+CUDA = SparseTuning(cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
+PORTABLE = SparseTuning(cpu_flash=False, sdpa_bool_mask=False)
+
+TUNINGS = {"cpu": CPU, "cuda": CUDA}
+
+
+def tuning_for(device: str | torch.device) -> SparseTuning:
+    """The tuning of a device kind ("cpu", "cuda", ...); other kinds get the portable one."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return TUNINGS.get(kind, PORTABLE)
+
+
+__all__ = ["SparseTuning", "CPU", "CUDA", "PORTABLE", "TUNINGS", "tuning_for", "replace"]
