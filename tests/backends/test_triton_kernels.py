@@ -29,7 +29,8 @@ if _MOD in sys.modules and DEVICE == "cpu" and not sys.modules[_MOD]._interpreti
 tk = importlib.import_module(_MOD)
 
 # several blocks at tiny shapes: 16 everywhere (tl.dot's minimum); the decode split count is forced
-SMALL = tk.TritonTuning(block_m=16, block_n=16, bwd_block_m=16, bwd_block_n=16, decode_block_n=16,
+SMALL = tk.TritonTuning(block_m=16, block_n=16, bwd_block_m=16, bwd_block_n=16, dq_block_m=16, dq_block_n=16,
+                        decode_block_n=16,
                         decode_min_keys=16, decode_programs=64, mm_block_m=16, mm_block_n=16, mm_block_k=16)
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}  # relative L2 error vs float64
 
@@ -111,12 +112,30 @@ def test_rows_attention_matches_reference(case):
     assert (grads[0][dead] == 0).all()
 
 
+def test_rows_attention_with_the_cuda_block_sizes():
+    """The default CUDA settings (128 x 64 forward blocks, 64 x 32 dk/dv and dq blocks): GQA, key
+    padding, bf16, rows spanning two forward blocks with a ragged last one."""
+    gen = torch.Generator().manual_seed(7)
+    B, P, G, M, S, hd = 1, 2, 1, 150, 200, 64
+    q, k, v, qpos, kvh = _rows_case(B, P, G, M, S, hd, torch.bfloat16, True, [0, 0], gen)
+    key_mask = (torch.rand(B, S, generator=gen) > 0.2).to(DEVICE)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    tuning = tk.cuda_tuning(hd, torch.bfloat16, sms=2)
+    out = tk.rows_attention(q, k, v, qpos, kvh, scale=0.125, causal=True, key_mask=key_mask, tuning=tuning)
+    ref = ref_rows(q, k, v, qpos, kvh, 0.125, True, key_mask)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    dout = torch.randn(out.shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.double())):
+        assert rel_err(g, r) < 2 * TOL[torch.bfloat16]
+
+
 def test_rows_attention_causal_skips_unseen_key_blocks():
     """Keys from the block after a row block's largest qpos on are never read: NaN there changes
     nothing (forward and backward); their gradient is 0."""
     gen = torch.Generator().manual_seed(1)
     B, P, G, M, S, hd = 1, 2, 1, 20, 64, 16
-    q, k, v, _, kvh = _rows_case(B, P, G, M, S, hd, torch.float32, True, [0, 0], gen)
+    q, k, v, _, _ = _rows_case(B, P, G, M, S, hd, torch.float32, True, [0, 0], gen)
+    kvh = torch.tensor([0, 0])  # on the host: allowed, moved by the function
     qpos = torch.randint(0, 30, (B, P, M), generator=gen).sort(-1).values.to(DEVICE)
     qpos[..., -1] = 31  # every row block sees keys < 32 only: blocks 2 and 3 of 16 are skipped
     k, v = k.detach().clone(), v.detach().clone()
@@ -204,5 +223,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="qpos"):
         q = torch.zeros(1, 1, 4, 16, device=DEVICE)
         tk.rows_attention(q, q, q, None, torch.zeros(1, dtype=torch.long, device=DEVICE), scale=1.0, causal=True)
+    with pytest.raises(ValueError, match="kv_head"):
+        tk.rows_attention(q, q, q, None, torch.ones(1, dtype=torch.long), scale=1.0, causal=False)
+    with pytest.raises(ValueError, match="power of two"):
+        tk.TritonTuning(block_m=24)
     with pytest.raises(ValueError, match="bool"):
         tk.decode_attention(q[:, 0], q, q, torch.ones(1, 1), scale=1.0)

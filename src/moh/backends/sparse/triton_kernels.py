@@ -25,7 +25,6 @@ S key positions (cache + new), H heads of a decode step, hd head width, n flatte
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,7 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["TritonTuning", "default_tuning", "rows_attention", "decode_attention", "gather_matmul", "MAX_HEAD_DIM"]
+__all__ = ["TritonTuning", "default_tuning", "cuda_tuning", "rows_attention", "decode_attention", "gather_matmul",
+           "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -49,16 +49,30 @@ class TritonTuning:
     block_n: int = 64  # keys per inner step, forward and dq
     bwd_block_m: int = 32  # query rows per inner step of the dk/dv kernel
     bwd_block_n: int = 64  # keys per program of the dk/dv kernel
+    dq_block_m: int = 64  # query rows per program of the dq kernel
+    dq_block_n: int = 32  # keys per inner step of the dq kernel
     num_warps: int = 4
     num_stages: int = 2
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 2
     decode_block_n: int = 64  # keys per inner step of a decode split
     decode_min_keys: int = 256  # at least this many keys per split
     decode_programs: int = 1056  # aim for this many split programs (8 x 132 SMs of an H200)
     decode_num_warps: int = 4
+    decode_num_stages: int = 3
     mm_block_m: int = 64  # gather_matmul rows per program
     mm_block_n: int = 64  # gather_matmul output columns per program
     mm_block_k: int = 64  # gather_matmul reduction step
     fp32_precision: str = "ieee"  # tl.dot of fp32 inputs: "ieee" (exact, slow) or "tf32"
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "bwd_block_m", "bwd_block_n", "dq_block_m", "dq_block_n",
+                     "decode_block_n", "mm_block_m", "mm_block_n", "mm_block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TritonTuning.{name}={value} must be a power of two >= 16")
+        if self.fp32_precision not in ("ieee", "tf32", "tf32x3"):
+            raise ValueError(f"TritonTuning.fp32_precision={self.fp32_precision!r}: use 'ieee', 'tf32' or 'tf32x3'")
 
 
 def default_tuning(device: torch.device, head_dim: int, dtype: torch.dtype) -> TritonTuning:
@@ -66,18 +80,26 @@ def default_tuning(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
     heads use smaller blocks (register / shared-memory budget). Untuned guesses for Hopper until
     ``benchmarks/gpu/run_gpu_checks.sh`` has been run; on CPU (interpreter) small blocks."""
     if device.type != "cuda":
-        return TritonTuning(block_m=16, block_n=16, bwd_block_m=16, bwd_block_n=16, decode_block_n=16,
-                            decode_min_keys=16, decode_programs=8, mm_block_m=16, mm_block_n=16, mm_block_k=16)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wide = head_dim > 128 or (head_dim > 64 and dtype == torch.float32)
+        return TritonTuning(block_m=16, block_n=16, bwd_block_m=16, bwd_block_n=16, dq_block_m=16, dq_block_n=16,
+                            decode_block_n=16, decode_min_keys=16, decode_programs=8,
+                            mm_block_m=16, mm_block_n=16, mm_block_k=16)
+    return cuda_tuning(head_dim, dtype, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def cuda_tuning(head_dim: int, dtype: torch.dtype, sms: int) -> TritonTuning:
+    """The CUDA settings for a GPU with ``sms`` multiprocessors (``default_tuning`` on CUDA)."""
+    if head_dim > 128 or (head_dim > 64 and dtype == torch.float32):  # register / shared-memory budget
+        return TritonTuning(block_m=64, block_n=32, bwd_block_m=16, bwd_block_n=32, dq_block_m=32, dq_block_n=32,
+                            num_warps=8 if head_dim > 128 else 4, bwd_num_warps=8 if head_dim > 128 else 4,
+                            decode_programs=8 * sms)
+    # forward as FlashAttention-2 kernels for hd = 128 on Hopper (128 rows x 64 keys, 8 warps); the
+    # backward tiles of triton's fused-attention tutorial (hd = 64) halved for hd = 128, since dk/dv
+    # (or dq) accumulate in registers: 64 keys x 32 rows per step, dq 64 rows x 32 keys
     return TritonTuning(
-        block_m=64 if wide else 128,
-        block_n=32 if wide else 64,
-        bwd_block_m=16 if wide else 32,
-        bwd_block_n=32 if wide else 64,
-        num_warps=4 if wide else 8,
-        num_stages=2 if wide else 3,
+        block_m=128, block_n=64, num_warps=8, num_stages=3,
+        bwd_block_m=32, bwd_block_n=64, dq_block_m=64, dq_block_n=32, bwd_num_warps=4, bwd_num_stages=2,
         decode_programs=8 * sms,
+        mm_block_m=128, mm_block_n=128, mm_block_k=64,  # one program covers a head's 128 outputs: rows read once
     )
 
 
@@ -89,9 +111,10 @@ def default_tuning(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation; UPCAST: fp32 operands (the interpreter's bf16 workaround)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 def _check_head_dim(hd: int) -> int:
@@ -125,8 +148,10 @@ def _dtypes(*tensors: Tensor) -> None:
 
 
 def _precision(dtype: torch.dtype, device: torch.device, tuning: TritonTuning) -> tuple[str, bool]:
-    """(input_precision, upcast) of the kernels' dots for ``dtype`` on ``device``."""
-    return tuning.fp32_precision, (dtype == torch.bfloat16 and device.type != "cuda")
+    """(input_precision, upcast) of the kernels' dots for ``dtype`` on ``device``; the precision
+    only matters for fp32 operands (for 16-bit ones triton's default is passed)."""
+    prec = tuning.fp32_precision if dtype == torch.float32 else "tf32"
+    return prec, (dtype == torch.bfloat16 and device.type != "cuda")
 
 
 def _mask_bytes(key_mask: Optional[Tensor], B: int, S: int, dummy: Tensor) -> tuple[Tensor, int, int]:
@@ -144,19 +169,28 @@ def _mask_bytes(key_mask: Optional[Tensor], B: int, S: int, dummy: Tensor) -> tu
 
 
 @triton.jit
+def _load_keys(base, keys, dims, s_s, s_d, key_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) tile of keys or values; no mask at all in whole blocks of full width."""
+    ptrs = base + keys[:, None] * s_s + dims[None, :] * s_d
+    if MASKED:
+        tile = tl.load(ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def _rows_fwd_step(acc, l_i, m_i, q, k_base, v_base, km_base, start, qpos, S, sk_s, sk_d, sv_s, sv_d, skm_s,
                    qk_scale, dims, d_ok,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One key block of the online softmax. MASKED: the block may reach past S or past some
     row's own key index (a diagonal or last block); unmasked blocks skip those comparisons."""
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < S
-    if MASKED:
-        kv_ok = key_ok[:, None] & d_ok[None, :]
-    else:
-        kv_ok = d_ok[None, :] & (keys >= 0)[:, None]
-    k = tl.load(k_base + keys[:, None] * sk_s + dims[None, :] * sk_d, mask=kv_ok, other=0.0)
+    k = _load_keys(k_base, keys, dims, sk_s, sk_d, key_ok, d_ok, MASKED, EVEN_D)
     s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
     if MASKED:
         allowed = key_ok[None, :]
@@ -171,7 +205,7 @@ def _rows_fwd_step(acc, l_i, m_i, q, k_base, v_base, km_base, start, qpos, S, sk
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :] * sv_d, mask=kv_ok, other=0.0)
+    v = _load_keys(v_base, keys, dims, sv_s, sv_d, key_ok, d_ok, MASKED, EVEN_D)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
     return acc, l_i, m_new
 
@@ -195,7 +229,7 @@ def _key_range(qpos, row_ok, S, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
 def _rows_fwd(Q, K, V, QPOS, KVH, KM, O, LSE,
               sq_b, sq_p, sq_m, sq_d, sk_b, sk_g, sk_s, sk_d, sv_b, sv_g, sv_s, sv_d,
               sp_b, sp_p, sp_m, skm_b, skm_s, so_b, so_p, so_m, so_d,
-              P, M, S, HD, qk_scale,
+              P, M, S, qk_scale, HD: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One program: BLOCK_M rows of query head p of item b, against all keys of KV head
@@ -223,11 +257,11 @@ def _rows_fwd(Q, K, V, QPOS, KVH, KM, O, LSE,
     for start in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _rows_fwd_step(acc, l_i, m_i, q, k_base, v_base, km_base, start, qpos, S, sk_s, sk_d,
                                        sv_s, sv_d, skm_s, qk_scale, dims, d_ok,
-                                       False, CAUSAL, HAS_KMASK, BLOCK_N, PREC, UPCAST)
+                                       False, CAUSAL, HAS_KMASK, BLOCK_N, BLOCK_D == HD, PREC, UPCAST)
     for start in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _rows_fwd_step(acc, l_i, m_i, q, k_base, v_base, km_base, start, qpos, S, sk_s, sk_d,
                                        sv_s, sv_d, skm_s, qk_scale, dims, d_ok,
-                                       True, CAUSAL, HAS_KMASK, BLOCK_N, PREC, UPCAST)
+                                       True, CAUSAL, HAS_KMASK, BLOCK_N, BLOCK_D == HD, PREC, UPCAST)
     alive = l_i > 0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # dead rows: acc is 0, so 0
     tl.store(O + b * so_b + p * so_p + rows[:, None] * so_m + dims[None, :] * so_d, out.to(O.dtype.element_ty),
@@ -244,15 +278,11 @@ def _rows_fwd(Q, K, V, QPOS, KVH, KM, O, LSE,
 def _rows_dq_step(dq, q, do, lse, delta, k_base, v_base, km_base, start, qpos, S, sk_s, sk_d, sv_s, sv_d, skm_s,
                   qk_scale, dims, d_ok,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < S
-    if MASKED:
-        kv_ok = key_ok[:, None] & d_ok[None, :]
-    else:
-        kv_ok = d_ok[None, :] & (keys >= 0)[:, None]
-    k = tl.load(k_base + keys[:, None] * sk_s + dims[None, :] * sk_d, mask=kv_ok, other=0.0)
-    v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :] * sv_d, mask=kv_ok, other=0.0)
+    k = _load_keys(k_base, keys, dims, sk_s, sk_d, key_ok, d_ok, MASKED, EVEN_D)
+    v = _load_keys(v_base, keys, dims, sv_s, sv_d, key_ok, d_ok, MASKED, EVEN_D)
     s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
     if MASKED:
         allowed = key_ok[None, :]
@@ -272,7 +302,7 @@ def _rows_dq_step(dq, q, do, lse, delta, k_base, v_base, km_base, start, qpos, S
 def _rows_bwd_dq(Q, K, V, QPOS, KVH, KM, DO, LSE, DELTA, DQ,
                  sq_b, sq_p, sq_m, sq_d, sk_b, sk_g, sk_s, sk_d, sv_b, sv_g, sv_s, sv_d,
                  sp_b, sp_p, sp_m, skm_b, skm_s, sdo_b, sdo_p, sdo_m, sdo_d,
-                 P, M, S, HD, qk_scale, scale,
+                 P, M, S, qk_scale, scale, HD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dq of BLOCK_M rows (the forward's grid and key range); DQ is contiguous (B, P, M, hd)."""
@@ -298,10 +328,12 @@ def _rows_bwd_dq(Q, K, V, QPOS, KVH, KM, DO, LSE, DELTA, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, full_end, BLOCK_N):
         dq = _rows_dq_step(dq, q, do, lse, delta, k_base, v_base, km_base, start, qpos, S, sk_s, sk_d, sv_s, sv_d,
-                           skm_s, qk_scale, dims, d_ok, False, CAUSAL, HAS_KMASK, BLOCK_N, PREC, UPCAST)
+                           skm_s, qk_scale, dims, d_ok,
+                           False, CAUSAL, HAS_KMASK, BLOCK_N, BLOCK_D == HD, PREC, UPCAST)
     for start in range(full_end, hi, BLOCK_N):
         dq = _rows_dq_step(dq, q, do, lse, delta, k_base, v_base, km_base, start, qpos, S, sk_s, sk_d, sv_s, sv_d,
-                           skm_s, qk_scale, dims, d_ok, True, CAUSAL, HAS_KMASK, BLOCK_N, PREC, UPCAST)
+                           skm_s, qk_scale, dims, d_ok,
+                           True, CAUSAL, HAS_KMASK, BLOCK_N, BLOCK_D == HD, PREC, UPCAST)
     dq = dq * scale
     tl.store(DQ + ((b * P + p) * M + rows[:, None]) * HD + dims[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
 
@@ -310,7 +342,7 @@ def _rows_bwd_dq(Q, K, V, QPOS, KVH, KM, DO, LSE, DELTA, DQ,
 def _rows_bwd_dkdv(Q, K, V, QPOS, KVH, KM, DO, LSE, DELTA, DK, DV,
                    sq_b, sq_p, sq_m, sq_d, sk_b, sk_g, sk_s, sk_d, sv_b, sv_g, sv_s, sv_d,
                    sp_b, sp_p, sp_m, skm_b, skm_s, sdo_b, sdo_p, sdo_m, sdo_d,
-                   P, G, M, S, HD, qk_scale, scale,
+                   P, G, M, S, qk_scale, scale, HD: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dk, dv of BLOCK_N keys of KV head g of item b: one program owns them and loops over every
@@ -390,7 +422,7 @@ class _RowsAttention(torch.autograd.Function):
         _rows_fwd[grid](
             q, k, v, qpos, kv_head, km, out, lse,
             *_strides4(q), *_strides4(k), *_strides4(v), *qpos.stride(), skm_b, skm_s, *_strides4(out),
-            P, M, S, hd, scale * _LOG2E,
+            P, M, S, scale * _LOG2E, HD=hd,
             CAUSAL=causal, HAS_KMASK=key_mask is not None, BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n,
             BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         )
@@ -409,21 +441,21 @@ class _RowsAttention(torch.autograd.Function):
         prec, upcast = _precision(q.dtype, q.device, tuning)
         delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, P, M) rowsum(dO * O)
         common = dict(CAUSAL=causal, HAS_KMASK=has_kmask, BLOCK_D=block_d, PREC=prec, UPCAST=upcast,
-                      num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+                      num_warps=tuning.bwd_num_warps, num_stages=tuning.bwd_num_stages)
         strides = (*_strides4(q), *_strides4(k), *_strides4(v), *qpos.stride(), skm_b, skm_s, *_strides4(dout))
         dq = dk = dv = None
         if ctx.needs_input_grad[0]:
             dq = torch.empty(B, P, M, hd, dtype=q.dtype, device=q.device)
-            _rows_bwd_dq[(triton.cdiv(M, tuning.block_m), B * P)](
-                q, k, v, qpos, kv_head, km, dout, lse, delta, dq, *strides, P, M, S, hd, scale * _LOG2E, scale,
-                BLOCK_M=tuning.block_m, BLOCK_N=tuning.block_n, **common,
+            _rows_bwd_dq[(triton.cdiv(M, tuning.dq_block_m), B * P)](
+                q, k, v, qpos, kv_head, km, dout, lse, delta, dq, *strides, P, M, S, scale * _LOG2E, scale, HD=hd,
+                BLOCK_M=tuning.dq_block_m, BLOCK_N=tuning.dq_block_n, **common,
             )
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dk = torch.empty(B, G, S, hd, dtype=k.dtype, device=k.device)
             dv = torch.empty(B, G, S, hd, dtype=v.dtype, device=v.device)
             _rows_bwd_dkdv[(triton.cdiv(S, tuning.bwd_block_n), B * G)](
-                q, k, v, qpos, kv_head, km, dout, lse, delta, dk, dv, *strides, P, G, M, S, hd,
-                scale * _LOG2E, scale, BLOCK_M=tuning.bwd_block_m, BLOCK_N=tuning.bwd_block_n, **common,
+                q, k, v, qpos, kv_head, km, dout, lse, delta, dk, dv, *strides, P, G, M, S,
+                scale * _LOG2E, scale, HD=hd, BLOCK_M=tuning.bwd_block_m, BLOCK_N=tuning.bwd_block_n, **common,
             )
         return dq, dk, dv, None, None, None, None, None, None
 
@@ -446,30 +478,36 @@ def rows_attention(
     them any qpos, their output is finite and the caller gates it); k, v (B, G, S, hd): the keys
     and values of all S positions of the G KV heads (any strides, never copied per query head);
     kv_head (P,) int: the KV head query head p reads (grouped-query attention); qpos (B, P, M) int
-    (None when not causal): the key index of each row — causal: row attends keys j <= qpos (rows need not be contiguous
-    nor sorted; a block's key range follows its largest qpos, so ascending rows skip the most);
-    key_mask (B, S) bool or None: True = may attend. Rows with no allowed key give exactly 0 (and
-    zero gradients). fp32 statistics; returns (B, P, M, hd) in q's dtype. Differentiable in q, k, v.
+    (None when not causal): the key index of each row. Causal: row attends keys j <= qpos; rows
+    need not be contiguous nor sorted (a row block reads keys up to its largest qpos and needs no
+    mask below its smallest, so ascending rows skip the most). key_mask (B, S) bool or None:
+    True = may attend. Rows with no allowed key give exactly 0 (and zero gradients). fp32
+    statistics; returns (B, P, M, hd) in q's dtype. Differentiable in q, k, v; the k/v gradient
+    sums over the query heads sharing a KV head in a fixed order (deterministic, no atomics).
     """
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be (B, P, M, hd), k and v (B, G, S, hd); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q must be (B, P, M, hd), k and v (B, G, S, hd); "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, P, M, hd = q.shape
     if k.shape[0] != B or k.shape[3] != hd:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} (batch, head width)")
     if (qpos is not None and tuple(qpos.shape) != (B, P, M)) or tuple(kv_head.shape) != (P,):
-        raise ValueError(f"qpos must be (B, P, M) = {(B, P, M)} and kv_head (P,); got {tuple(qpos.shape)}, {tuple(kv_head.shape)}")
+        raise ValueError(f"qpos must be (B, P, M) = {(B, P, M)} and kv_head (P,); "
+                         f"got {tuple(qpos.shape)}, {tuple(kv_head.shape)}")
     _check_head_dim(hd)
     _dtypes(q, k, v)
     if qpos is None:
         if causal:
             raise ValueError("causal rows_attention needs qpos (the key index of every row)")
         qpos = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device).expand(B, P, M)  # unused
-    _check_device(q, k, v, qpos, kv_head, *([] if key_mask is None else [key_mask]))
+    _check_device(q, k, v, qpos, *([] if key_mask is None else [key_mask]))  # kv_head may be on the host
     if B * P > 65535:
         raise ValueError(f"B * P = {B * P} exceeds the launch grid's second axis (65535)")
     tuning = tuning or default_tuning(q.device, hd, q.dtype)
     if M == 0 or k.shape[2] == 0:  # no rows, or no key to attend: all 0 (and no gradient)
         return q.new_zeros(B, P, M, hd)
+    if kv_head.device.type == "cpu" and P and not (0 <= int(kv_head.min()) and int(kv_head.max()) < k.shape[1]):
+        raise ValueError(f"kv_head must index the G={k.shape[1]} KV heads, got {kv_head.tolist()}")
     qpos = qpos.to(torch.int32)
     kv_head = kv_head.to(device=q.device, dtype=torch.int32).contiguous()
     return _RowsAttention.apply(q, k, v, qpos, kv_head, key_mask, float(scale), bool(causal), tuning)
@@ -482,7 +520,7 @@ def rows_attention(
 @triton.jit
 def _decode_split(Q, K, V, ACT, LEN, KM, OPART, LPART,
                   sq_b, sq_h, sq_d, sk_b, sk_g, sk_s, sk_d, sv_b, sv_g, sv_s, sv_d, sa_b, sa_h, skm_b, skm_s,
-                  H, G, R, S, HD, chunk, NS, qk_scale,
+                  H, G, R, S, chunk, NS, qk_scale, HD: tl.constexpr,
                   R_PAD: tl.constexpr, USE_DOT: tl.constexpr, HAS_LEN: tl.constexpr, HAS_KMASK: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Split ``pid0`` (keys [pid0 * chunk, +chunk)) of KV head g of item b for the R query heads
@@ -501,6 +539,7 @@ def _decode_split(Q, K, V, ACT, LEN, KM, OPART, LPART,
         d_ok = dims < HD
         q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + dims[None, :] * sq_d,
                     mask=act[:, None] & d_ok[None, :], other=0.0)  # (R_PAD, BLOCK_D)
+        q1 = tl.sum(q.to(tl.float32), 0)  # (BLOCK_D,): the one head when R_PAD = 1
         start = split * chunk
         end = tl.minimum(start + chunk, S)
         if HAS_LEN:
@@ -518,8 +557,8 @@ def _decode_split(Q, K, V, ACT, LEN, KM, OPART, LPART,
             v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :] * sv_d, mask=kv_ok, other=0.0)
             if USE_DOT:
                 s = _dot(q, tl.trans(k), PREC, UPCAST)
-            else:  # one or few heads per KV head: a broadcast product (memory bound anyway)
-                s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+            else:  # one head per KV head (R_PAD = 1): a row times the tile (memory bound anyway)
+                s = tl.sum(q1[None, :] * k.to(tl.float32), 1)[None, :]
             s = s * qk_scale  # (R_PAD, BLOCK_N)
             allowed = key_ok
             if HAS_KMASK:
@@ -533,7 +572,7 @@ def _decode_split(Q, K, V, ACT, LEN, KM, OPART, LPART,
             if USE_DOT:
                 pv = _dot(p.to(v.dtype), v, PREC, UPCAST)
             else:
-                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+                pv = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         alive = l_i > 0
@@ -545,7 +584,7 @@ def _decode_split(Q, K, V, ACT, LEN, KM, OPART, LPART,
 
 
 @triton.jit
-def _decode_merge(OPART, LPART, ACT, O, sa_b, sa_h, so_b, so_h, so_d, H, HD, NS,
+def _decode_merge(OPART, LPART, ACT, O, sa_b, sa_h, so_b, so_h, so_d, H, NS, HD: tl.constexpr,
                   NS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the splits of head h of item b by their log-sum-exps; inactive heads (and heads with
     no allowed key) write 0 and read nothing."""
@@ -592,7 +631,8 @@ def decode_attention(
     in q's dtype.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q must be (B, H, hd), caches (B, G, S, hd); got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(f"q must be (B, H, hd), caches (B, G, S, hd); "
+                         f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     B, H, hd = q.shape
     G, S = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] != B or k_cache.shape[3] != hd or H % G:
@@ -625,12 +665,13 @@ def decode_attention(
     _decode_split[(ns, B * G)](
         q, k_cache, v_cache, act, act if lengths is None else lengths, km, opart, lpart,
         *q.stride(), *_strides4(k_cache), *_strides4(v_cache), *act.stride(), skm_b, skm_s,
-        H, G, R, S, hd, chunk, ns, scale * _LOG2E,
+        H, G, R, S, chunk, ns, scale * _LOG2E, HD=hd,
         R_PAD=r_pad, USE_DOT=R > 1, HAS_LEN=lengths is not None, HAS_KMASK=key_mask is not None,
         BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec, UPCAST=upcast, num_warps=tuning.decode_num_warps,
+        num_stages=tuning.decode_num_stages,
     )
     _decode_merge[(B * H,)](
-        opart, lpart, act, out, *act.stride(), *out.stride(), H, hd, ns,
+        opart, lpart, act, out, *act.stride(), *out.stride(), H, ns, HD=hd,
         NS_PAD=max(2, triton.next_power_of_2(ns)), BLOCK_D=block_d, num_warps=4,
     )
     return out
@@ -740,7 +781,8 @@ def gather_matmul(x: Tensor, rows: Tensor, w: Tensor, *, tuning: Optional[Triton
     accumulation. Same values and gradients as ``moh.layers.gather.gather_bmm``; the x gradient is
     torch's scatter-add, the w gradient a Triton kernel that gathers the rows again."""
     if x.dim() != 2 or rows.dim() != 3 or w.dim() != 3 or w.shape[0] != rows.shape[1] or w.shape[1] != x.shape[1]:
-        raise ValueError(f"x must be (n, D), rows (B, P, M), w (P, D, O); got {tuple(x.shape)}, {tuple(rows.shape)}, {tuple(w.shape)}")
+        raise ValueError(f"x must be (n, D), rows (B, P, M), w (P, D, O); "
+                         f"got {tuple(x.shape)}, {tuple(rows.shape)}, {tuple(w.shape)}")
     _dtypes(x, w)
     _check_device(x, rows, w)
     B, P, M = rows.shape
