@@ -205,14 +205,15 @@ def test_gather_matmul_matches_gather_then_bmm():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(30, 40, generator=gen).to(DEVICE).requires_grad_()
     rows = torch.randint(0, 30, (2, 3, 21), generator=gen).to(DEVICE)
-    w = torch.randn(3, 40, 24, generator=gen).to(DEVICE).requires_grad_()
-    y = tk.gather_matmul(x, rows, w, tuning=SMALL)
-    ref = x.double()[rows] @ w.double()[None]
+    w = torch.randn(3, 24, 40, generator=gen).to(DEVICE).requires_grad_()
+    w_PDo = w.transpose(1, 2)  # (P, D, o) as the query projection passes it: a strided view
+    y = tk.gather_matmul(x, rows, w_PDo, tuning=SMALL)
+    ref = x.double()[rows] @ w_PDo.double()[None]
     assert rel_err(y, ref) < TOL[torch.float32]
     dy = torch.randn(y.shape, generator=gen).to(DEVICE)
     for g, r in zip(torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(ref, (x, w), dy.double())):
         assert rel_err(g, r) < TOL[torch.float32]
-    yb = tk.gather_matmul(x.detach().bfloat16(), rows, w.detach().bfloat16(), tuning=SMALL)
+    yb = tk.gather_matmul(x.detach().bfloat16(), rows, w_PDo.detach().bfloat16(), tuning=SMALL)
     assert yb.dtype == torch.bfloat16 and rel_err(yb, ref) < TOL[torch.bfloat16]
 
 
@@ -229,3 +230,15 @@ def test_clear_errors():
         tk.TritonTuning(block_m=24)
     with pytest.raises(ValueError, match="bool"):
         tk.decode_attention(q[:, 0], q, q, torch.ones(1, 1), scale=1.0)
+
+
+def test_no_keys_or_no_rows_give_zeros():
+    q = torch.randn(1, 2, 5, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 1, 0, 16, device=DEVICE, requires_grad=True)
+    qpos = torch.zeros(1, 2, 5, dtype=torch.long, device=DEVICE)
+    out = tk.rows_attention(q, k, k, qpos, torch.zeros(2, dtype=torch.long), scale=1.0, causal=True)
+    assert (out == 0).all()
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert (dq == 0).all()
+    assert tk.rows_attention(q[:, :, :0], k, k, None, torch.zeros(2, dtype=torch.long), scale=1.0,
+                             causal=False).shape == (1, 2, 0, 16)

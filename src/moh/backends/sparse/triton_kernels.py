@@ -418,6 +418,10 @@ class _RowsAttention(torch.autograd.Function):
         out = torch.empty(B, P, M, hd, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, P, M, dtype=torch.float32, device=q.device)
         km, skm_b, skm_s = _mask_bytes(key_mask, B, S, qpos)
+        ctx.empty = M == 0 or S == 0 or B * P == 0  # nothing to launch: no rows, or no key (all 0)
+        if ctx.empty:
+            ctx.save_for_backward(q, k, v)
+            return out.zero_()
         grid = (triton.cdiv(M, tuning.block_m), B * P)
         _rows_fwd[grid](
             q, k, v, qpos, kv_head, km, out, lse,
@@ -433,6 +437,9 @@ class _RowsAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
+        if ctx.empty:
+            q, k, v = ctx.saved_tensors
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None, None
         q, k, v, qpos, kv_head, km, out, lse = ctx.saved_tensors
         scale, causal, tuning, has_kmask, skm_b, skm_s = ctx.meta
         B, P, M, hd = q.shape
@@ -504,8 +511,6 @@ def rows_attention(
     if B * P > 65535:
         raise ValueError(f"B * P = {B * P} exceeds the launch grid's second axis (65535)")
     tuning = tuning or default_tuning(q.device, hd, q.dtype)
-    if M == 0 or k.shape[2] == 0:  # no rows, or no key to attend: all 0 (and no gradient)
-        return q.new_zeros(B, P, M, hd)
     if kv_head.device.type == "cpu" and P and not (0 <= int(kv_head.min()) and int(kv_head.max()) < k.shape[1]):
         raise ValueError(f"kv_head must index the G={k.shape[1]} KV heads, got {kv_head.tolist()}")
     qpos = qpos.to(torch.int32)
