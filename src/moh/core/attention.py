@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from moh.backends import BACKENDS, AttentionCall
@@ -30,6 +31,9 @@ from moh.layers.rope import RotaryEmbedding, apply_rope
 class MoHOutput:
     output: Tensor  # (B, T, D)
     routing: Routing
+
+
+pytree.register_dataclass(MoHOutput, serialized_type_name="moh.core.attention.MoHOutput")  # torch.export
 
 
 class MoHAttention(nn.Module):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 
@@ -44,6 +45,18 @@ class Routing:
     def detach(self) -> "Routing":
         probs = None if self.probs_BTE is None else self.probs_BTE.detach()
         return Routing(self.gates_BTH.detach(), self.active_BTH, probs, self.num_shared, self.learned)
+
+
+# a pytree node (tensors as leaves, the two constants as context): torch.export and
+# torch.compile can return it
+pytree.register_pytree_node(
+    Routing,
+    lambda r: ([r.gates_BTH, r.active_BTH, r.probs_BTE], (r.num_shared, r.learned)),
+    lambda leaves, ctx: Routing(*leaves, num_shared=ctx[0], learned=ctx[1]),
+    serialized_type_name="moh.core.routing.Routing",
+    flatten_with_keys_fn=lambda r: ([(pytree.GetAttrKey(k), getattr(r, k)) for k in ("gates_BTH", "active_BTH", "probs_BTE")],
+                                    (r.num_shared, r.learned)),
+)
 
 
 def load_balance_loss(routing: Routing, token_mask_BT: Optional[Tensor] = None) -> Tensor:

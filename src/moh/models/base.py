@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from moh.config import MoHConfig
@@ -24,15 +26,16 @@ Number = Union[Tensor, float, int]
 class HeadSpec:
     """The attention-head fields every family config shares (a base class of ``ViTConfig``,
     ``DecoderConfig``, ...). Each layer is an MoH layer with ``num_shared`` shared heads and the
-    top ``top_k`` of the others (``layer_heads``: one [num_shared, top_k] pair per layer instead);
-    ``router="all"`` is plain multi-head attention."""
+    top ``top_k`` of the others (``layer_heads``: one [num_shared, top_k] pair per layer instead,
+    or [num_heads, num_shared, top_k] where the head count changes per layer, as in the paper's
+    MoH-DiT-L/XL: then set ``head_dim``); ``router="all"`` is plain multi-head attention."""
 
     num_heads: int = 8
     num_kv_heads: Optional[int] = None  # None: num_heads (no grouped-query attention)
     head_dim: Optional[int] = None  # None: dim // num_heads
     num_shared: int = 0
     top_k: Optional[int] = None  # None: every routed head
-    layer_heads: Optional[list] = None  # per-layer [num_shared, top_k]; overrides the two above
+    layer_heads: Optional[list] = None  # per-layer [num_shared, top_k] or [num_heads, num_shared, top_k]
     router: str = "two_stage"  # a name in moh.ROUTERS
     backend: str = "sparse"  # a name in moh.BACKENDS
     qk_norm: bool = False
@@ -45,10 +48,10 @@ class HeadSpec:
         if not isinstance(self.aux_loss_coef, (int, float)) or not self.aux_loss_coef >= 0:
             raise ValueError(f"aux_loss_coef={self.aux_loss_coef!r} must be a number >= 0")
         return [
-            MoHConfig(dim=dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            MoHConfig(dim=dim, num_heads=h, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                       num_shared=s, top_k=k, router=self.router, backend=self.backend, qk_norm=self.qk_norm,
                       dropout=self.attn_dropout, **fixed)
-            for s, k in layer_heads(depth, self.num_heads, self.num_shared, self.top_k, self.layer_heads)
+            for h, s, k in layer_head_layout(depth, self.num_heads, self.num_shared, self.top_k, self.layer_heads)
         ]
 
 
@@ -79,10 +82,27 @@ class ModelOutput:
         return active_fraction(self.routings, self.token_mask)
 
 
+pytree.register_dataclass(ModelOutput, serialized_type_name="moh.models.base.ModelOutput")  # torch.export
+
+
 def active_fraction(routings: Sequence[Routing], token_mask: Optional[Tensor] = None) -> float:
+    """Measured fraction of (token, head) pairs computed, mean over layers."""
+    return float(_active_fraction(routings, token_mask))
+
+
+def _active_fraction(routings: Sequence[Routing], token_mask: Optional[Tensor] = None) -> Tensor | float:
+    """As ``active_fraction``, as a tensor (no host sync: the engine reads metrics once per step)."""
     if not routings:
         return 1.0
-    return sum(r.active_fraction(token_mask) for r in routings) / len(routings)
+    fractions = []
+    for r in routings:
+        active = r.active_BTH.float()
+        if token_mask is None:
+            fractions.append(active.mean())
+        else:
+            m = token_mask.to(active.dtype).unsqueeze(-1)
+            fractions.append((active * m).sum() / (m.sum() * active.shape[-1]).clamp_min(1))
+    return torch.stack(fractions).mean()
 
 
 def with_aux_loss(task_loss: Optional[Tensor], routings: Sequence[Routing], coef: float,
@@ -95,7 +115,7 @@ def with_aux_loss(task_loss: Optional[Tensor], routings: Sequence[Routing], coef
     return (task_loss + coef * aux if coef else task_loss), aux
 
 
-def accuracy_counts(logits: Tensor, labels: Tensor) -> tuple[int, int]:
+def accuracy_counts(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """(correct, counted) predictions. Classifiers: logits (B, C) vs labels (B). Decoders: logits
     (B, T, V) vs labels (B, T), position t predicting labels[t + 1], -100 ignored."""
     if logits.dim() == 2:
@@ -105,7 +125,7 @@ def accuracy_counts(logits: Tensor, labels: Tensor) -> tuple[int, int]:
     else:
         raise ValueError(f"logits must be (B, C) or (B, T, V), got shape {tuple(logits.shape)}")
     valid = target != IGNORE_INDEX
-    return int(((pred == target) & valid).sum()), int(valid.sum())
+    return ((pred == target) & valid).sum(), valid.sum()
 
 
 def standard_metrics(out: ModelOutput, labels: Optional[Tensor], items: int) -> dict[str, tuple[Number, Number]]:
@@ -121,7 +141,7 @@ def standard_metrics(out: ModelOutput, labels: Optional[Tensor], items: int) -> 
         metrics["task_loss"] = (out.task_loss.detach().float() * count, count)
     if out.aux_loss is not None:
         metrics["aux_loss"] = (out.aux_loss.detach().float(), 1)
-    metrics["heads_active"] = (out.active_fraction() * items, items)
+    metrics["heads_active"] = (_active_fraction(out.routings, out.token_mask) * items, items)
     return metrics
 
 
@@ -137,22 +157,33 @@ def layer_heads(
     depth: int, num_heads: int, num_shared: int, top_k: Optional[int], schedule: Optional[Sequence[Sequence[int]]]
 ) -> list[tuple[int, int]]:
     """Per-layer (num_shared, top_k). ``schedule`` is None (same split everywhere) or ``depth``
-    pairs [num_shared, top_k] (the paper's ViT-B-75 changes the split per stage)."""
+    entries [num_shared, top_k] (the paper's ViT-B-75 changes the split per stage) or
+    [num_heads, num_shared, top_k] (see ``layer_head_layout``)."""
+    return [(s, k) for _, s, k in layer_head_layout(depth, num_heads, num_shared, top_k, schedule)]
+
+
+def layer_head_layout(
+    depth: int, num_heads: int, num_shared: int, top_k: Optional[int], schedule: Optional[Sequence[Sequence[int]]]
+) -> list[tuple[int, int, int]]:
+    """Per-layer (num_heads, num_shared, top_k). A ``schedule`` entry of two integers keeps
+    ``num_heads``; one of three sets the layer's own head count (MoH-DiT-XL/2-90: 8, 16 and 24
+    heads of width 72 in three layer groups)."""
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"depth={depth!r} must be a positive integer")
     if schedule is None:
         k = num_heads - num_shared if top_k is None else top_k
-        return [(num_shared, k)] * depth
+        return [(num_heads, num_shared, k)] * depth
     if len(schedule) != depth:
         raise ValueError(f"layer_heads has {len(schedule)} entries; the model has depth={depth}")
     out = []
-    for i, pair in enumerate(schedule):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in pair):
-            raise ValueError(f"layer_heads[{i}]={pair!r} must be [num_shared, top_k] (two integers)")
-        out.append((int(pair[0]), int(pair[1])))
+    for i, entry in enumerate(schedule):
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in entry):
+            raise ValueError(f"layer_heads[{i}]={entry!r} must be [num_shared, top_k] or "
+                             "[num_heads, num_shared, top_k] (integers)")
+        out.append(tuple(int(v) for v in entry) if len(entry) == 3 else (num_heads, int(entry[0]), int(entry[1])))
     return out
 
 
 __all__ = ["HeadSpec", "ModelOutput", "IGNORE_INDEX", "accuracy_counts", "standard_metrics", "finish_output",
-           "with_aux_loss", "layer_heads", "active_fraction"]
+           "with_aux_loss", "layer_heads", "layer_head_layout", "active_fraction"]
