@@ -15,7 +15,7 @@ from moh.registry import Registry
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
 # modules that register data sets; imported on first use (they may pull in numpy etc.)
-_PROVIDERS = ("moh.data.images", "moh.data.recall", "moh.data.synthetic")
+_PROVIDERS = ("moh.data.images", "moh.data.recall", "moh.data.synthetic", "moh.data.text.tokens")
 
 
 def build_dataset(name: str, split: str, **args) -> Dataset:
