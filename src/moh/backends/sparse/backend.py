@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from moh.backends.base import BACKENDS, AttentionCall
-from moh.backends.sparse.kernels import Attend, attend
+from moh.backends.sparse.kernels import Attend, attend, triton_available
 from moh.backends.sparse.plan import make_plan
-from moh.backends.sparse.rows import gather_rows, kv_for_heads, row_gates, rows_mask
+from moh.backends.sparse.rows import gather_rows, row_gates, rows_mask
 from moh.backends.sparse.tuning import SparseTuning, tuning_for
 
 
@@ -43,6 +43,8 @@ class SparseBackend:
         device = self.device or call.k.device.type
         tuning = self.tuning or tuning_for(device)
         B, T, H = call.shape
+        if T == 1 and device == "cuda" and tuning.triton and call.dropout_p == 0 and triton_available():
+            return _decode_step(call, tuning)
         counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
         plan = make_plan(counts, T=T, S=call.k.shape[2], D=call.q.x.shape[-1], causal=call.causal,
                          element_size=call.q.x.element_size(), threads=torch.get_num_threads(), tuning=tuning)
@@ -55,33 +57,48 @@ class SparseBackend:
         return acc.finish()
 
 
-def _job(call: AttentionCall, q: Tensor, k: Tensor, v: Tensor, qpos: Optional[Tensor], row_mask: Optional[Tensor],
+def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
+    """One new token per sequence on CUDA: every head's query (a decode step reads weights once
+    anyway), attention only for the active heads with the split-K Triton kernel, which reads only
+    their KV cache (the step is memory bound: the cache dominates the bytes), gated, then one dense
+    output projection (zeros for inactive heads). No host sync, no plan."""
+    from moh.backends.sparse import triton_kernels as tk
+
+    B, _, H = call.shape
+    q = call.q.heads(0, H)[:, 0]  # (B, H, hd)
+    key_mask = None if call.key_mask is None else call.key_mask[:, -1]  # (B, S) of the one query
+    head = tk.decode_attention(q, call.k.to(q.dtype), call.v.to(q.dtype), call.routing.active_BTH[:, 0],
+                               scale=call.scale, key_mask=key_mask, tuning=tuning.triton_tuning)
+    gated = head * call.routing.gates_BTH[:, 0, :, None].to(head.dtype)  # (B, H, hd)
+    return call.out.dense(gated[:, None])
+
+
+def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor], row_mask: Optional[Tensor],
          every_row: bool) -> Attend:
-    S = k.shape[2]
+    S = call.k.shape[2]
     key_mask = call.key_mask if call.key_mask is not None and call.key_mask.shape[1] == 1 else None
-    return Attend(q=q, k=k, v=v, qpos=qpos, row_mask=row_mask, key_mask=key_mask, causal=call.causal,
-                  last_key_horizon=call.q_offset >= S - 1, every_row=every_row, scale=call.scale,
-                  dropout_p=call.dropout_p)
+    return Attend(q=q, keys=call.k, values=call.v, heads=heads, num_heads=call.shape[2], qpos=qpos, row_mask=row_mask,
+                  key_mask=key_mask, causal=call.causal, last_key_horizon=call.q_offset >= S - 1, every_row=every_row,
+                  scale=call.scale, dropout_p=call.dropout_p)
 
 
 def _full_run(call: AttentionCall, h0: int, h1: int, device: str, tuning: SparseTuning) -> Tensor:
     """Heads h0..h1-1 for every token, gated -> (B, T, P, hd)."""
     B, T, H = call.shape
     q = call.q.heads(h0, h1).transpose(1, 2)  # (B, P, T, hd)
-    k, v = kv_for_heads(call.k, call.v, list(range(h0, h1)), H)
     qpos = None  # key index of every query, only needed by the causal row kernels
-    if call.causal and call.q_offset < k.shape[2] - 1:
+    if call.causal and call.q_offset < call.k.shape[2] - 1:
         qpos = (torch.arange(T, device=q.device) + call.q_offset).expand(B, 1, T)
     row_mask = call.key_mask[:, None] if call.key_mask is not None and call.key_mask.shape[1] == T else None
-    head = attend(_job(call, q, k, v, qpos, row_mask, every_row=call.q_offset == 0), device, tuning)  # (B, P, T, hd)
+    job = _job(call, q, list(range(h0, h1)), qpos, row_mask, every_row=call.q_offset == 0)
+    head = attend(job, device, tuning)  # (B, P, T, hd)
     return (head * call.routing.gates_BTH[..., h0:h1].transpose(1, 2)[..., None].to(head.dtype)).transpose(1, 2)
 
 
 def _partial_heads(call: AttentionCall, rows, device: str, tuning: SparseTuning) -> Tensor:
     """The gathered rows of partially used heads, gated -> (B, P, M, hd)."""
     q = call.q.rows(rows.heads, rows.tokens_BPM, rows.positions_BPM)  # (B, P, M, hd)
-    k, v = kv_for_heads(call.k, call.v, rows.heads, call.shape[2])
-    job = _job(call, q, k, v, rows.key_index(call.q_offset), rows_mask(call.key_mask, rows), every_row=False)
+    job = _job(call, q, rows.heads, rows.key_index(call.q_offset), rows_mask(call.key_mask, rows), every_row=False)
     head = attend(job, device, tuning)
     return head * row_gates(call.routing.gates_BTH, rows)[..., None].to(head.dtype)
 

@@ -12,17 +12,20 @@ rows that may attend to no key give exactly 0 (as ``masked_softmax`` in the refe
                                                   zeroes fully masked rows, else additive mask)
     mask "causal" (every query in order from key 0, no padding)
                                   -> "sdpa_causal"
-    mask "causal_rows" (gathered rows or a cache offset, no padding)
-        CPU, fp32, no dropout     -> "flash_rows" torch's fused CPU flash kernel per row block
-    anything else causal          -> "blocks"     a hand-written blocked kernel (portable)
-
-The GPU kernels plug in here (a "triton_rows" entry for CUDA tensors).
+    mask "causal_rows" (gathered rows or a cache offset) / "causal_padding" (with key padding)
+        CUDA, ``tuning.triton``, no dropout
+                                  -> "triton_rows" moh's Triton kernel (``triton_kernels``)
+        mask "causal_rows", CPU, fp32, no dropout
+                                  -> "flash_rows" torch's fused CPU flash kernel per row block
+    anything else causal          -> "blocks"     a hand-written blocked kernel (portable; the
+                                                  only one for "causal_row_masks" and dropout)
 
 Shape legend: B batch, P heads, M rows per head, S key positions, hd head width.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -30,14 +33,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moh.backends.base import masked_softmax
+from moh.backends.sparse.rows import kv_for_heads
 from moh.backends.sparse.tuning import SparseTuning
 
 
 @dataclass
 class Attend:
     q: Tensor  # (B, P, M, hd)
-    k: Tensor  # (B, P, S, hd)
-    v: Tensor  # (B, P, S, hd)
+    keys: Tensor  # (B, G, S, hd) every key/value head (views of the cache: never copied here)
+    values: Tensor  # (B, G, S, hd)
+    heads: list[int]  # the P query heads of q; head h reads key/value head h // (H // G)
+    num_heads: int  # H
     qpos: Optional[Tensor]  # (B, P or 1, M) key index of every row, ascending along M; None if not causal
     row_mask: Optional[Tensor]  # (B, P or 1, M, S) bool per-row mask, or None
     key_mask: Optional[Tensor]  # (B, 1, S) bool key padding (used when row_mask is None), or None
@@ -47,15 +53,31 @@ class Attend:
     scale: float
     dropout_p: float
 
+    @cached_property
+    def kv(self) -> tuple[Tensor, Tensor]:
+        """(k, v) of the P heads, (B, P, S, hd): views for a contiguous run without grouped-query
+        attention, else one gather (the torch kernels need them per head)."""
+        return kv_for_heads(self.keys, self.values, self.heads, self.num_heads)
+
+    @property
+    def k(self) -> Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> Tensor:
+        return self.kv[1]
+
     def mask_kind(self) -> str:
         """"none" / "padding" (every row sees every allowed key), "causal" (every query in order
         from key 0, nothing else masked), "causal_rows" (rows at their own horizons, no padding),
-        "causal_masked" (causal with padding or per-row masks)."""
+        "causal_padding" (causal with key padding), "causal_row_masks" (causal with per-row masks)."""
         masked = self.row_mask is not None or self.key_mask is not None
         if not self.causal or self.last_key_horizon:
             return "padding" if masked else "none"
+        if self.row_mask is not None:
+            return "causal_row_masks"
         if masked:
-            return "causal_masked"
+            return "causal_padding"
         return "causal" if self.every_row else "causal_rows"
 
 
@@ -67,15 +89,28 @@ def choose_kernel(device: str, dtype: torch.dtype, mask: str, rows: int, keys: i
         return "matmul" if rows <= tuning.few_rows and not dropout else "sdpa"
     if mask == "causal":
         return "sdpa_causal"
+    if mask in ("causal_rows", "causal_padding") and device == "cuda" and tuning.triton and not dropout \
+            and triton_available():
+        return "triton_rows"
     if mask == "causal_rows" and not dropout and dtype == torch.float32 and device == "cpu" and tuning.cpu_flash:
         return "flash_rows"
     return "blocks"
 
 
 def attend(job: Attend, device: str, tuning: SparseTuning) -> Tensor:
-    name = choose_kernel(device, job.q.dtype, job.mask_kind(), job.q.shape[2], job.k.shape[2], job.dropout_p > 0,
+    name = choose_kernel(device, job.q.dtype, job.mask_kind(), job.q.shape[2], job.keys.shape[2], job.dropout_p > 0,
                          tuning)
     return KERNELS[name](job, tuning)
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import (triton installed; CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``)."""
+    try:
+        import moh.backends.sparse.triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +148,21 @@ def _blocks(job: Attend, tuning: SparseTuning) -> Tensor:
     return causal_blocks(job, tuning.row_block)
 
 
+def _triton_rows(job: Attend, tuning: SparseTuning) -> Tensor:
+    from moh.backends.sparse import triton_kernels as tk
+
+    B, P, M, _ = job.q.shape
+    G = job.keys.shape[1]
+    kv_head = torch.tensor([h // (job.num_heads // G) for h in job.heads])
+    key_mask = None if job.key_mask is None else job.key_mask[:, 0]
+    dtype = job.q.dtype  # one dtype for the kernel (autocast may leave keys in another)
+    return tk.rows_attention(job.q, job.keys.to(dtype), job.values.to(dtype), job.qpos.expand(B, P, M), kv_head,
+                             scale=job.scale, causal=True, key_mask=key_mask, tuning=tuning.triton_tuning)
+
+
 KERNELS: dict[str, Callable[[Attend, SparseTuning], Tensor]] = {
     "matmul": _matmul, "sdpa": _sdpa, "sdpa_causal": _sdpa_causal, "flash_rows": _flash_rows, "blocks": _blocks,
+    "triton_rows": _triton_rows,
 }
 
 

@@ -7,6 +7,7 @@ the device; until then it only turns off what exists for CPU tensors alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 
@@ -39,8 +40,11 @@ class SparseTuning:
     # False: an additive mask with the dtype's minimum and explicit zeroing of such rows, which
     # gives the same result with every SDPA implementation
     sdpa_bool_mask: bool = True
-    # Triton kernels (moh.backends.sparse.triton_kernels) for CUDA tensors, when triton imports
+    # Triton kernels (moh.backends.sparse.triton_kernels) for CUDA tensors, when triton imports:
+    # gathered causal rows and one-token decode steps
     triton: bool = False
+    # their block sizes (a triton_kernels.TritonTuning); None: triton_kernels.default_tuning
+    triton_tuning: Optional[Any] = None
 
     def __post_init__(self) -> None:
         for name in ("row_block", "chunk_bytes", "flash_block", "few_rows"):
