@@ -216,6 +216,9 @@ def test_fetch_english_builds_a_verified_reproducible_corpus(tmp_path):
     (out / "manifest.json").unlink()
     english.fetch_english(tmp_path / "data", local_dir=local, archives=archives)
     assert (out / "docs.jsonl").read_bytes() == first  # byte-identical rebuild
+    (out / "docs.jsonl").write_text("edited")
+    assert english.fetch_english(tmp_path / "data", local_dir=local, archives=archives).state == "built"
+    assert (out / "docs.jsonl").read_bytes() == first  # a damaged corpus is rebuilt, not trusted
 
 
 def test_fetch_english_refuses_wrong_digests_before_writing(tmp_path):
@@ -330,6 +333,11 @@ def test_tokenize_in_small_batches_gives_the_same_files(tmp_path, pipeline):
     assert meta["splits"] == pipeline["meta"]["splits"]
     with pytest.raises(ValueError, match="not a token of the tokenizer"):
         tokenize_corpus(pipeline["corpus"], pipeline["tok"], tmp_path / "u", separator="<|nope|>")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "t").iterdir()}
+    heldout_only = open_corpus([write_corpus(tmp_path / "h", [d for d in pipeline["docs"] if d.heldout])])
+    with pytest.raises(ValueError, match="no train documents"):
+        tokenize_corpus(heldout_only, pipeline["tok"], tmp_path / "t")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "t").iterdir()} == before  # the earlier run is intact
     with pytest.raises(ValueError, match="no-tokenizer.*moh data tokenizer"):
         tokenize_corpus(pipeline["corpus"], tmp_path / "no-tokenizer", tmp_path / "v")
     assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
@@ -373,8 +381,11 @@ def test_packed_windows_are_fixed_cover_every_token_once_and_depend_only_on_inde
     test = build_dataset("text", "test", root=root, seq_len=8, stride=8, limit=3)
     val = np.fromfile(pipeline["tokens"] / "val.bin", dtype="<u2")
     assert len(test) == 3 and test[2]["input_ids"].tolist() == val[16:24].tolist()
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch["input_ids"].shape == (4, 16)
+    order = [[5, 0, 9, 2], [len(ds) - 1, 1, 3, 4]]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=2)  # each worker opens its memmap
+    for idx, batch in zip(order, loader):
+        assert batch["input_ids"].shape == (4, 16)
+        assert torch.equal(batch["input_ids"], torch.stack([items[i]["input_ids"] for i in idx]))
 
 
 def test_packed_dataset_errors_name_the_problem(tmp_path, pipeline):

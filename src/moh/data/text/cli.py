@@ -123,7 +123,8 @@ def _tokenize(args) -> int:
     corpus, rule = _open(args)
     meta = tokenize_corpus(corpus, args.tokenizer, args.out, rule, args.separator)
     for split, r in meta["splits"].items():
-        print(f"{split:10s} {r['tokens']:10d} tokens {r['documents']:6d} documents {r['chars']:10d} characters  {args.out}/{r['file']}")
+        print(f"{split:10s} {r['tokens']:10d} tokens {r['documents']:6d} documents {r['chars']:10d} characters  "
+              f"{args.out}/{r['file']}")
     print(f"dtype {meta['dtype']}, vocab {meta['vocab_size']}, eos id {meta['eos_id']} -> {args.out}/meta.json")
     return 0
 

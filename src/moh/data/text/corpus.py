@@ -116,13 +116,6 @@ class Corpus:
         check_split(split)
         return (d for d in self.documents() if rule.split_of(d) == split)
 
-    def manifest(self) -> Optional[dict]:
-        """The manifest of the first fetched-corpus input, if any."""
-        for inp in self.inputs:
-            if inp.kind == "corpus":
-                return json.loads((Path(inp.path) / MANIFEST_FILE).read_text(encoding="utf-8"))
-        return None
-
     def describe(self) -> list[dict]:
         """Where the documents come from, with digests (for meta.json / the tokenizer's record)."""
         return [_describe(inp) for inp in self.inputs]
@@ -245,7 +238,8 @@ def _read_hf(name: str, config: Optional[str], split: str, text_field: str) -> I
 def load_hf_rows(name: str, config: Optional[str], split: str):
     """``datasets.load_dataset(name, config, split=split, streaming=True)``; FetchError naming the
     dataset when offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or the Hub unreachable)."""
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+               if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
     need = f"Hugging Face dataset {name!r} (split {split!r}) needs the network to download"
     if offline:
         raise FetchError(f"{need}, but {' and '.join(offline)} is set; unset it when online, or pass local text "

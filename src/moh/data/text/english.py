@@ -58,7 +58,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -224,7 +224,7 @@ def check_digest(label: str, got: str, want: str) -> None:
 def _download(arc: Archive, cache: Path, timeout: float) -> Path:
     """``pip download`` / ``apt-get download`` into a temporary folder of ``cache``; the file's path."""
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache)).resolve()  # pip runs with cwd=tmp
     if arc.kind == "deb":
         cmd = ["apt-get", "download", arc.requirement()]
     else:
@@ -409,7 +409,9 @@ def _present(out_dir: Path, recipe: dict) -> Optional[dict]:
     manifest = json.loads(mpath.read_text(encoding="utf-8"))
     if manifest.get("recipe") != recipe:
         return None
-    check_digest(str(dpath), sha256_file(dpath), manifest.get("docs_sha256", ""))
+    if sha256_file(dpath) != manifest.get("docs_sha256"):
+        log.warning("%s differs from the sha256 in %s; rebuilding it", dpath, mpath)
+        return None
     return manifest
 
 
@@ -450,7 +452,3 @@ def _report(out_dir: Path, state: str, manifest: dict) -> FetchReport:
     return FetchReport(out_dir, state, {k: v["documents"] for k, v in splits.items()},
                        {k: v["chars"] for k, v in splits.items()}, manifest["archives"])
 
-
-def archive_table() -> list[dict]:
-    """The pinned archives (for ``moh data list`` and the docs)."""
-    return [asdict(a) for a in ARCHIVES.values()]

@@ -249,5 +249,6 @@ def build_tasks(corpus: Corpus, out_dir: str | Path, split: str = "heldout", rul
             "tag": tag, "split": split, "documents": len(docs), "split_rule": rule.to_dict(),
             "settings": settings.__dict__, "corpus": corpus.describe()}
     atomic_write_json(out_dir / "tasks.json", info)
-    log.info("tasks: %d cloze, %d next-sentence items from %d %s documents -> %s", len(cloze), len(nexts), len(docs), split, out_dir)
+    log.info("tasks: %d cloze, %d next-sentence items from %d %s documents -> %s", len(cloze), len(nexts), len(docs),
+             split, out_dir)
     return info

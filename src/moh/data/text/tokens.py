@@ -14,7 +14,7 @@ The dtype is ``uint16`` when every id fits (vocab size <= 65536), else ``uint32`
 little-endian arrays (``np.memmap(path, dtype, mode="r")`` reads them). Documents are encoded in
 batches of about ``batch_chars`` characters and written as they come, so memory stays bounded
 whatever the corpus size. Files are written under temporary names and renamed at the end;
-``meta.json`` is written last.
+``meta.json`` is written last (an error on the way leaves an earlier run's files untouched).
 
 ``PackedText`` (registered as data set ``text``) cuts a token file into fixed windows: item ``i``
 is ``tokens[i * stride : i * stride + seq_len]`` as ``{"input_ids": (seq_len,), "labels":
@@ -139,7 +139,6 @@ def tokenize_corpus(corpus: Corpus, tokenizer_dir: str | Path, out_dir: str | Pa
     if first is None:
         raise ValueError(f"the corpus {[i.path for i in corpus.inputs]} has no documents")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_FILE).unlink(missing_ok=True)  # stale meta must never describe new files
     writers: dict[str, _SplitWriter] = {}
     with contextlib.ExitStack() as stack:
         for split, texts in _batches(itertools.chain([first], docs), rule, batch_chars):
@@ -152,6 +151,9 @@ def tokenize_corpus(corpus: Corpus, tokenizer_dir: str | Path, out_dir: str | Pa
                 writers[split] = _SplitWriter(stack, out_dir / SPLIT_FILES[split], dtype)
         if writers["train"].tokens == 0:
             raise ValueError(f"the corpus {corpus.describe()} has no train documents under {rule.to_dict()}")
+        # up to here a failure leaves an earlier run's files as they were; from here the new files
+        # replace them (on leaving the block), and the old meta.json must never describe them
+        (out_dir / META_FILE).unlink(missing_ok=True)
     if "heldout" not in writers:
         (out_dir / SPLIT_FILES["heldout"]).unlink(missing_ok=True)
     meta = {"format": FORMAT, "dtype": dtype.name, "byte_order": "little", "vocab_size": vocab, "eos_id": eos_id,

@@ -16,7 +16,8 @@ from typing import IO, Iterator
 
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 _REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
-_DROP_BLOCK = re.compile(r"<(math|gallery|timeline|score|syntaxhighlight|source|chem|hiero|imagemap|graph)\b[^>]*>.*?</\1>", re.S | re.I)
+_DROP_BLOCK = re.compile(r"<(math|gallery|timeline|score|syntaxhighlight|source|chem|hiero|imagemap|graph)\b[^>]*>.*?</\1>",
+                         re.S | re.I)
 _TAG = re.compile(r"</?[a-zA-Z][^<>]*?/?>")
 _TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 _TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)
@@ -29,7 +30,8 @@ _LIST = re.compile(r"^[*#:;]+\s*", re.M)
 _BLANKS = re.compile(r"\n{3,}")
 _SPACES = re.compile(r"[ \t]{2,}")
 # link namespaces whose targets are not prose; interlanguage links look like "fr:Titre"
-_DROP_LINK = re.compile(r"^\s*:?\s*(file|image|media|category|wikipedia|wp|wikt|wiktionary|template|help|portal|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
+_DROP_LINK = re.compile(r"^\s*:?\s*(file|image|media|category|wikipedia|wp|wikt|wiktionary|template|help|portal"
+                        r"|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
 _END_SECTIONS = ("references", "external links", "see also", "further reading", "notes", "bibliography",
                  "sources", "footnotes", "citations", "notes and references")
 
