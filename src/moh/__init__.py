@@ -24,6 +24,7 @@ from moh.core.routing import Routing, load_balance_loss
 from moh.registry import BACKENDS, ROUTERS
 from moh.core.attention import MoHAttention, MoHOutput, set_backend  # registers routers and backends
 from moh.models import create_model, list_models
+import moh.hf  # noqa: E402,F401  (registers MoHLMConfig / MoHForCausalLM with transformers' Auto classes)
 
 try:
     __version__ = _version("moh-attention")

@@ -67,7 +67,7 @@ def test_fsdp_matches_one_process_loads_plain_and_resumes(tmp_path):
     assert b.keys() <= a.keys()
     for k in b:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
-    assert torch.equal(a["lm_head.weight"], a["embed.weight"])  # still tied
+    assert torch.equal(a["lm_head.weight"], a["model.embed_tokens.weight"])  # still tied
     logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (fsdp, one)]
     for ra, rb in zip(*logs, strict=True):  # the clipped norm is the global one, not a shard's
         for k in ("loss", "grad_norm"):
@@ -81,7 +81,7 @@ def test_fsdp_matches_one_process_loads_plain_and_resumes(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, a[k]), k
     with safe_open(str(fsdp / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"lm_head.weight": "embed.weight"}  # tied weight stored once, as save_model does
+        assert f.metadata() == {"model.embed_tokens.weight": "lm_head.weight"}  # tied: stored once, as save_model does
     step4 = load_file(str(fsdp / "checkpoints" / "step_00000004" / "model.safetensors"))
     assert all(torch.equal(step4[k], a[k]) for k in step4)
 
@@ -122,6 +122,6 @@ def test_model_file_is_what_save_model_writes(tmp_path):
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
     again = create_model("moh-llm-tiny-50", **DECODER)
     ckpt.load_weights(again, tmp_path / "theirs.safetensors")
-    assert again.lm_head.weight is again.embed.weight
+    assert again.lm_head.weight is again.get_input_embeddings().weight
     for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(v, w), k

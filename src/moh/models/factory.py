@@ -9,13 +9,16 @@ from torch import nn
 from moh.config import from_dict, to_dict
 from moh.registry import Registry
 
-# name -> zero-argument function returning a config dataclass (whose .build() makes the model)
+# name -> zero-argument function returning a config (a dataclass, or a transformers config with
+# with_overrides) whose .build() makes the model
 MODELS: Registry[Callable[[], Any]] = Registry("model")
 
 
 def model_config(name: str, **overrides: Any):
     """The preset's config with ``overrides`` applied; unknown keys raise naming the key."""
     cfg = MODELS.get(name)()
+    if hasattr(cfg, "with_overrides"):  # a transformers config (moh.hf.MoHLMConfig) validates its own
+        return cfg.with_overrides(name, **overrides)
     data = to_dict(cfg)
     bad = sorted(set(overrides) - set(data))
     if bad:
