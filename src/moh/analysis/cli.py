@@ -25,6 +25,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batches < 0 or args.batch_size < 1:
         raise ValueError(f"--max-batches={args.max_batches} must be >= 0 and --batch-size={args.batch_size} >= 1")
     model, cfg = load_run(args.run_dir)
+    from moh.models.dit import DiT
+
+    if isinstance(model, DiT):  # head load per class and per timestep range of noised inputs
+        from moh.analysis import dit
+
+        return dit.run(args, model, cfg)
     data = eval_dataset(cfg, args.split)
     classes = list(getattr(data, "classes", ()) or ())
 

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="sparse", choices=BACKENDS.names(), help="attention backend (default: sparse)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: 256)")
     p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (default 0: the whole split)")
+    from moh.eval.fid import add_dit_arguments
+
+    add_dit_arguments(p)  # options only DiT runs use (domain FID, sampling throughput)
 
 
 def eval_dataset(cfg, split: str) -> Dataset:
@@ -43,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
     model, cfg = load_run(args.run_dir)
+    from moh.models.dit import DiT
+
+    if isinstance(model, DiT):  # a denoiser: domain FID and sampling throughput instead of top-1
+        from moh.eval.fid import run_dit_eval
+
+        return run_dit_eval(args, model, cfg)
     set_backend(model, args.backend)
     data = eval_dataset(cfg, args.split)
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     for name in list_models():
         cfg = model_config(name)
         atts = cfg.attention_configs()
-        frac = sum(a.active_fraction for a in atts) / len(atts)
+        frac = sum(a.active_heads for a in atts) / sum(a.num_heads for a in atts)  # layers may differ in heads
         line = f"{name:22s} {type(cfg).__name__:14s} depth={cfg.depth:<3d} dim={cfg.dim:<4d} heads={cfg.num_heads:<3d} active={frac:.0%}"
         if args.params:
             line += f" params={sum(p.numel() for p in cfg.build().parameters()) / 1e6:.2f}M"
