@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -24,6 +25,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to add its arguments (others stay lazy)."""
     parser = argparse.ArgumentParser(prog="moh", description="Mixture-of-Head attention (arXiv 2410.11842)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"moh {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -31,6 +33,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser
+
+
+# commands whose --out is an output file / directory: checked before the work, not after it
+OUT_KIND = {"bench": "file", "eval": "file", "analyze": "dir", "demo": "dir", "sample": "dir"}
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moh-attention")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +57,55 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        _check_out(args)
+        code = int(importlib.import_module(args._module).run(args) or 0)
+        sys.stdout.flush()  # here, so a reader that left (| head) is caught below, not at exit
+        return code
     except ValueError as e:  # bad input: one clear message, no traceback
-        print(f"moh {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _error(args, e, 2)
+    except BrokenPipeError:  # `moh models | head`: the reader left; stop quietly
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+    except OSError as e:  # a path the user gave: missing, a directory, read-only, disk full, ...
+        return _error(args, _os_message(e), 2)
+    except FloatingPointError as e:  # training diverged (loss nan / inf): say so, no traceback
+        return _error(args, f"{e} (lower optim.lr, or check the data)", 1)
+    except KeyboardInterrupt:
+        print(f"moh {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    out, kind = getattr(args, "out", None), OUT_KIND.get(args.command)
+    if not out or kind is None:
+        return
+    from moh.train.rundir import check_writable_dir, check_writable_file
+
+    (check_writable_file if kind == "file" else check_writable_dir)(out, "--out")
+
+
+def _error(args: argparse.Namespace, message, code: int) -> int:
+    try:
+        print(f"moh {args.command}: error: {message}", file=sys.stderr)
+    except BrokenPipeError:
+        pass
+    return code
+
+
+def _os_message(e: OSError) -> str:
+    """``[Errno 13] Permission denied: 'x'`` as ``'x': permission denied``."""
+    where = " -> ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+    what = (e.strerror or str(e)).lower() if e.strerror else str(e)
+    return f"{where}: {what}" if where else what
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -239,11 +240,17 @@ def from_dict(cls: Type[C], data: Any, *, where: str = "") -> C:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    """Write ``cfg`` as YAML through a temporary file and a rename (never a half-written file)."""
+    """Write ``cfg`` as YAML through a new temporary file and a rename (never a half-written file,
+    never through a symbolic link planted at the temporary name)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -286,7 +293,8 @@ def load_yaml(path: str | Path) -> dict:
     duplicate key, or a top level that is not a mapping is a ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        what = ("does not exist" if not path.exists() else "is a directory, not a file" if path.is_dir()
+                else "is not a regular file")
         raise ValueError(f"config file {str(path)!r} {what}")
     try:
         text = path.read_text()

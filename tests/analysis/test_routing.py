@@ -106,10 +106,11 @@ def test_write_pictures(tmp_path):
     assert rec.batches == 2
     paths = write_pictures(rec, tmp_path / "pics", title="tiny")
     pngs = [p for p in paths if p.suffix == ".png"]
-    assert len(pngs) == 4
+    assert len(pngs) == 3  # a fixed top-k uses exactly its configured heads: active_fraction.png is skipped
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     summary = json.loads((tmp_path / "pics" / "routing_summary.json").read_text())
     assert summary["group_names"] == ["a", "b", "c"]
     assert torch.tensor(summary["head_load"]).shape == (2, 3, 4)
     assert summary["expected_active_fraction"] == [0.75, 0.75]
+    assert list(summary["skipped"]) == ["active_fraction.png"]

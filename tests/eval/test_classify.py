@@ -54,8 +54,8 @@ def test_eval_bad_input_is_one_clean_error(tmp_path, capsys):
 def test_analyze_writes_pictures(run_dir, tmp_path, capsys):
     out = tmp_path / "pics"
     assert moh_main(["analyze", str(run_dir), "--out", str(out), "--max-batches", "1", "--batch-size", "8"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [
-        "active_fraction.png", "head_choice.png", "head_load.png", "router_entropy.png", "routing_summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [  # a fixed top-k: active_fraction.png has nothing to show
+        "head_choice.png", "head_load.png", "router_entropy.png", "routing_summary.json"]
     summary = json.loads((out / "routing_summary.json").read_text())
     assert summary["batches"] == 1 and summary["group_names"] == ["all"]  # random-images has no class names
     assert sum(summary["tokens_per_group"]) == 8 * 5  # 8 images x (2 x 2 patches + class token)

@@ -59,7 +59,7 @@ def test_crash_while_writing_leaves_no_partial_checkpoint(tmp_path, monkeypatch)
     assert not (tmp_path / ".tmp-step_00000002").exists()
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
     assert {p.name for p in ckpt.latest_checkpoint(tmp_path).iterdir()} == {
-        "model.safetensors", "optimizer.safetensors", "state.json", "rng_0.safetensors", "rng_0.json"}
+        "model.safetensors", "optimizer.safetensors", "state.json", "rng_0.safetensors", "rng_0.json", "manifest.json"}
 
 
 def test_keep_last_n(tmp_path):

@@ -22,8 +22,11 @@ def run(args: argparse.Namespace) -> int:
     from moh.eval.classify import eval_dataset
     from moh.train.engine import load_run
 
+    from moh.train.rundir import check_writable_dir
+
     if args.max_batches < 0 or args.batch_size < 1:
         raise ValueError(f"--max-batches={args.max_batches} must be >= 0 and --batch-size={args.batch_size} >= 1")
+    check_writable_dir(args.out, "--out")  # before the work, not after it
     model, cfg = load_run(args.run_dir)
     from moh.models.dit import DiT
 

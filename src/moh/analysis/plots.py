@@ -5,12 +5,21 @@ head_load.png        per layer: groups x heads heatmap of the fraction of the gr
 head_choice.png      layers x heads heatmap: fraction of all tokens that use each head
 router_entropy.png   mean router entropy per layer against the uniform maximum log(E)
 active_fraction.png  measured fraction of heads active per layer against the configured one
-routing_summary.json the numbers behind the pictures
+routing_summary.json the numbers behind the pictures (and which pictures were skipped, and why)
+
+A picture with nothing to show is not drawn (a logged note and ``skipped`` in the summary say
+why): router_entropy.png when no layer has router probabilities (multi-head attention, the
+parameter-free query_norm router), active_fraction.png when every layer uses exactly its
+configured fraction (multi-head attention, a fixed top-k). Figures are saved with a tight
+bounding box (no clipped titles or colour-bar labels), through a temporary file and a rename.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +31,25 @@ import numpy as np  # noqa: E402
 from moh.analysis.routing import RoutingRecord  # noqa: E402
 
 _CMAP = "viridis"
+log = logging.getLogger(__name__)
+
+
+def _save(fig, path: Path) -> Path:
+    """Save with a tight bounding box (nothing clipped) via a temporary file and a rename."""
+    path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        raise ValueError(f"{str(path)!r} is a {'symbolic link' if path.is_symlink() else 'directory'}; refusing to write it")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", pad_inches=0.15)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _head_labels(H: int, num_shared: int) -> list[str]:
@@ -57,11 +85,9 @@ def plot_head_load(rec: RoutingRecord, path: Path, title: str) -> Path:
         ax.set_yticks(range(G), [_short(g) for g in rec.group_names] if l % cols == 0 else [""] * G, fontsize=7)
         if l // cols == rows - 1 or l + cols >= L:
             ax.set_xlabel("head (s = shared, r = routed)", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of tokens")  # long labels get clipped
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of tokens")
     fig.suptitle(_title(title, "head load per group (fraction of the group's tokens using each head)"), fontsize=11)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_head_choice(rec: RoutingRecord, path: Path, title: str) -> Path:
@@ -76,27 +102,24 @@ def plot_head_choice(rec: RoutingRecord, path: Path, title: str) -> Path:
     ax.set_xticks(range(H), [f"h{h}" for h in range(H)], fontsize=8)
     ax.set_yticks(range(L), [f"layer {l} ({rec.num_shared[l]}s)" for l in range(L)], fontsize=8)
     ax.set_xlabel("head (the first (N)s heads of a layer are shared)", fontsize=8)
-    fig.colorbar(im, ax=ax, label="fraction of tokens using the head")
+    fig.colorbar(im, ax=ax, label="fraction of tokens")
     ax.set_title(_title(title, "how often each head is used"), fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _layer_bar_figure(L: int):
     """A figure with one x position per layer (bar charts of per-layer numbers)."""
-    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * L, 3.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.5 + 0.55 * L), 3.4), constrained_layout=True)
     ax.set_xticks(np.arange(L), [str(l) for l in range(L)])
     ax.set_xlabel("layer")
     return fig, ax
 
 
 def _finish_layer_bars(fig, ax, path: Path, title: str, what: str) -> Path:
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    # the legend goes under the axes: over the bars it hides them, beside a narrow figure it is clipped
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax.set_title(_title(title, what), fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_entropy(rec: RoutingRecord, path: Path, title: str) -> Path:
@@ -123,23 +146,43 @@ def plot_active_fraction(rec: RoutingRecord, path: Path, title: str) -> Path:
     ax.bar(x, act, color="tab:green", label="measured")
     ax.plot(x, rec.expected_fraction, "k_", markersize=18, mew=2, label="configured")
     for l, a in enumerate(act):
-        ax.text(l, a + 0.01, f"{a:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.text(l, a / 2, f"{a:.2f}", ha="center", va="center", fontsize=7, color="white")  # clear of the marker
     ax.set_ylabel("fraction of heads active")
     ax.set_ylim(0, 1.3)
     return _finish_layer_bars(fig, ax, path, title, "heads active per layer")
 
 
+def nothing_to_show(rec: RoutingRecord) -> dict[str, str]:
+    """picture name -> why it would show nothing for ``rec`` (see the module docstring)."""
+    skip = {}
+    if bool(np.isnan(rec.entropy.numpy()).all()):
+        skip["router_entropy.png"] = ("no layer has router probabilities (multi-head attention or a "
+                                      "parameter-free router): there is no entropy to show")
+    act, want = rec.active_fraction.numpy(), np.asarray(rec.expected_fraction, dtype=float)
+    if act.shape == want.shape and np.allclose(act, want, atol=1e-6, rtol=0):
+        skip["active_fraction.png"] = ("every layer uses exactly its configured fraction of heads "
+                                       f"({', '.join(f'{a:.2f}' for a in act)}; multi-head attention or a fixed "
+                                       "top-k): nothing varies")
+    return skip
+
+
 def write_pictures(rec: RoutingRecord, out_dir: str | Path, title: str = "") -> list[Path]:
-    """Write every picture and ``routing_summary.json`` into ``out_dir``; returns their paths."""
+    """Write the pictures that have something to show and ``routing_summary.json`` into
+    ``out_dir``; returns their paths (skipped pictures are logged and listed in the summary)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [
-        plot_head_load(rec, out / "head_load.png", title),
-        plot_head_choice(rec, out / "head_choice.png", title),
-        plot_entropy(rec, out / "router_entropy.png", title),
-        plot_active_fraction(rec, out / "active_fraction.png", title),
-    ]
+    skip = nothing_to_show(rec)
+    plots = [("head_load.png", plot_head_load), ("head_choice.png", plot_head_choice),
+             ("router_entropy.png", plot_entropy), ("active_fraction.png", plot_active_fraction)]
+    paths = []
+    for name, plot in plots:
+        if name in skip:
+            log.info("not drawing %s: %s", name, skip[name])
+            continue
+        paths.append(plot(rec, out / name, title))
     summary = out / "routing_summary.json"
-    summary.write_text(json.dumps({"title": title, **rec.summary()}, indent=1))
+    from moh.train.checkpoint import atomic_write_text
+
+    atomic_write_text(summary, json.dumps({"title": title, **rec.summary(), "skipped": skip}, indent=1))
     paths.append(summary)
     return paths

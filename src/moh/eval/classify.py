@@ -1,5 +1,7 @@
 """``moh eval RUN_DIR [--split test] [--backend sparse] [--batch-size N]``: top-1 accuracy, loss and
-heads active of a trained run on a split; prints one line and writes ``RUN_DIR/eval_<split>_<backend>.json``.
+heads active of a trained run on a split; prints one line and writes ``RUN_DIR/eval_<split>_<backend>.json``
+(or ``--out``), atomically and never through a symbolic link. Weights that do not fit the run's
+model, or non-finite results, are an error (exit code 2), never a number.
 
 Also ``throughput``: inference images/s of a classifier, used by ``benchmarks/vit_throughput.py``."""
 from __future__ import annotations
@@ -7,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="sparse", choices=BACKENDS.names(), help="attention backend (default: sparse)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: 256)")
     p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (default 0: the whole split)")
+    p.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval_<split>_<backend>.json)")
     from moh.eval.fid import add_dit_arguments
 
     add_dit_arguments(p)  # options only DiT runs use (domain FID, sampling throughput)
@@ -33,7 +37,9 @@ def eval_dataset(cfg, split: str) -> Dataset:
     import moh.data.images  # noqa: F401  (registers the image sets, the ones with augmentation)
     from moh.data import DATASETS, build_dataset
 
-    args = dict(cfg.data.args)
+    from moh.train.config import check_data_args
+
+    args = check_data_args(cfg.data.name, cfg.data.args)
     if cfg.data.name in DATASETS and "augment" in inspect.signature(DATASETS.get(cfg.data.name)).parameters:
         args["augment"] = False
     return build_dataset(cfg.data.name, split, **args)
@@ -43,8 +49,16 @@ def run(args: argparse.Namespace) -> int:
     from moh.core.attention import set_backend
     from moh.train.engine import evaluate, load_run
 
+    from moh.train.checkpoint import atomic_write_text
+    from moh.train.rundir import check_writable_file
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.max_batches < 0:
+        raise ValueError(f"--max-batches={args.max_batches} must be >= 0")
+    # where the result goes, checked before the work (a directory, a planted symlink, read-only)
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{args.split}_{args.backend}.json"
+    check_writable_file(out, "--out" if args.out else "result file")
     model, cfg = load_run(args.run_dir)
     from moh.models.dit import DiT
 
@@ -59,10 +73,16 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     result.update(run_dir=str(args.run_dir), model=cfg.model.name, data=cfg.data.name, split=args.split,
                   backend=args.backend, seconds=round(seconds, 3), threads=torch.get_num_threads())
-    out = Path(args.run_dir) / f"eval_{args.split}_{args.backend}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"{cfg.model.name}  {cfg.data.name}/{args.split}  backend {args.backend}  n={result['n']}  "
-          f"top-1 {100 * result['acc']:.2f}%  loss {result['loss']:.4f}  heads active {result['heads_active']:.3f}  "
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad or not result.get("n"):
+        raise ValueError(f"evaluation of {args.run_dir} on {cfg.data.name}/{args.split} is not a result: "
+                         + (f"{', '.join(f'{k}={result[k]}' for k in bad)} (the model's outputs are not finite)" if bad
+                            else "no items were evaluated"))
+    atomic_write_text(out, json.dumps(result, indent=1))  # never through a symlink; never half-written
+    shown = "  ".join(f"{label} {fmt(result[k])}" for k, label, fmt in (
+        ("acc", "top-1", lambda v: f"{100 * v:.2f}%"), ("loss", "loss", lambda v: f"{v:.4f}"),
+        ("heads_active", "heads active", lambda v: f"{v:.3f}")) if isinstance(result.get(k), (int, float)))
+    print(f"{cfg.model.name}  {cfg.data.name}/{args.split}  backend {args.backend}  n={result['n']}  {shown}  "
           f"({seconds:.1f}s)  -> {out}")
     return 0
 

@@ -7,10 +7,17 @@ Layout of one checkpoint (``<out_dir>/checkpoints/step_00000120/``):
     state.json              step, data position, optimizer param groups and scalar state, ...
     rng_<rank>.safetensors  torch (and CUDA) generator states of each process
     rng_<rank>.json         python and numpy generator states of each process
+    manifest.json           size and sha256 of every other file (written last)
 
 A checkpoint is built in a hidden temporary directory, every file is fsynced, and the directory
 is renamed into place: a crash leaves either the whole checkpoint or none of it visible.
 Nothing is unpickled; loading reads only safetensors and JSON.
+
+Loading checks before it changes anything: the manifest (sizes and hashes: a truncated,
+overwritten or bit-flipped file is found), that every file parses, that the weights fit the model
+exactly (names, shapes, dtypes: ``moh.train.distributed.check_model_state``) and the optimizer
+state fits the optimizer, and that no tensor holds NaN or infinity. A failure is a
+``CheckpointError`` (a ValueError) naming the file; resume then falls back to an older checkpoint.
 
 Models and optimizers may be plain, DDP-unwrapped or FSDP2-sharded: state goes through
 ``moh.train.distributed.gather_full_state`` / ``load_full_state``, so the files are the same in
@@ -19,26 +26,36 @@ rank 0 writes).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from moh.train.distributed import gather_full_state, load_full_state, tied_groups
+from moh.train.distributed import check_finite, gather_full_state, load_full_state, tied_groups
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^\.(del|tmp)-step_\d+$")  # a kill during a prune / a save
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used (missing, damaged, or not fitting the
+    model); the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,12 +76,57 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through a new temporary file (created exclusively: a planted
+    symlink is never followed) and a rename. A ``path`` that is a symlink or a directory is
+    refused: the rename would replace the link, or fail after the work is done."""
+    path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"{str(path)!r} is a symbolic link; refusing to write through it")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; a file path is needed")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing, empty, truncated or foreign file is a
+    CheckpointError naming it (the library's own errors do not)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'missing'}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; missing, unreadable or malformed is a CheckpointError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
 
 
 def _rank() -> int:
@@ -85,13 +147,23 @@ def write_model_file(model_sd: dict[str, torch.Tensor], tied: list[list[str]], p
 
 
 def read_model_file(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
-    """The full state dict in ``path`` with the tied names ``write_model_file`` dropped put back."""
-    sd = load_file(str(path))
+    """The full state dict in ``path`` with the tied names ``write_model_file`` dropped put back
+    (from the file's metadata, and for ``model``'s own tied groups). A damaged file, or tied names
+    stored with different values, is a CheckpointError naming the file."""
+    sd, metadata = read_safetensors(path)
+    for dropped, kept in metadata.items():
+        if kept in sd and dropped not in sd:
+            sd[dropped] = sd[kept]
     for group in tied_groups(model):
-        kept = next((name for name in group if name in sd), None)
+        present = [name for name in group if name in sd]
+        for name in present[1:]:
+            a, b = sd[present[0]], sd[name]
+            if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+                raise CheckpointError(f"{path}: {present[0]} and {name} are one tensor in the model (tied) "
+                                      f"but differ in the file")
         for name in group:
-            if kept is not None and name not in sd:
-                sd[name] = sd[kept]
+            if present and name not in sd:
+                sd[name] = sd[present[0]]
     return sd
 
 
@@ -110,11 +182,17 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load ``path`` (as ``save_weights`` writes it) into a plain, DDP-unwrapped or FSDP model;
-    collective under torch.distributed. Raises ValueError if the names do not fit."""
+    collective under torch.distributed. A damaged file, a tensor missing, unexpected, of another
+    shape or of a dtype that does not cast safely, or NaN / infinite weights: a CheckpointError
+    (ValueError) naming the file and the tensors, and the model is left as it was."""
+    sd = read_model_file(model, path)
     try:
-        load_full_state(model, read_model_file(model, path))
+        check_finite(sd)
+        load_full_state(model, sd)
+    except CheckpointError:
+        raise
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +252,28 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # checkpoints
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Delete the hidden ``.tmp-step_*`` / ``.del-step_*`` directories a kill during a save or a
+    prune leaves under ``root``; returns their names."""
+    if not root.is_dir():
+        return []
+    gone = []
+    for p in sorted(root.iterdir()):
+        if _LEFTOVER.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+            gone.append(p.name)
+    return gone
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``.damaged-step_*`` (kept for inspection, never loaded or
+    pruned) and return the new path."""
+    dest = path.with_name(f".damaged-{path.name}")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(path, dest)
+    return dest
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -237,6 +337,8 @@ def save_checkpoint(
         write_json(tmp / "state.json", dict(state, step=step, optimizer=opt_meta))
     barrier()
     if rank == 0:
+        write_json(tmp / MANIFEST, {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                                    for f in sorted(tmp.iterdir())})
         for f in tmp.iterdir():
             fsync_path(f)
         fsync_path(tmp)
@@ -250,18 +352,83 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
-    """Restore model, optimizer and this process's generators from ``path``; returns state.json.
-    Collective under torch.distributed (every process reads the files and keeps its shard)."""
-    state = json.loads((path / "state.json").read_text())
-    optim_sd = optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer"))
+def verify_manifest(path: Path) -> None:
+    """CheckpointError unless every file ``manifest.json`` lists is there with its size and
+    sha256. A checkpoint written before manifests existed passes (its files are still parsed and
+    checked when read)."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists():
+        return
+    manifest = read_json(manifest_file)
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_file}: not a manifest")
+    for name, entry in sorted(manifest.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {MANIFEST})")
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise CheckpointError(f"{f}: {size} bytes, {entry.get('bytes')} when written (truncated or overwritten)")
+        if sha256_file(f) != entry.get("sha256"):
+            raise CheckpointError(f"{f}: content differs from when it was written (sha256 mismatch)")
+
+
+def read_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+    """Read and check every file of checkpoint ``path`` for this process without changing
+    anything: the manifest, the JSON and safetensors files, that the weights and optimizer state fit
+    ``model`` / ``optimizer`` and hold no NaN or infinity. Returns what ``apply_checkpoint`` needs;
+    any problem is a CheckpointError naming the file. No collective."""
+    from moh.train.distributed import check_model_state, check_optimizer_state
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    verify_manifest(path)
+    state = read_json(path / "state.json")
+    if not isinstance(state, dict) or not {"step", "optimizer", "micro_batches"} <= set(state):
+        raise CheckpointError(f"{path / 'state.json'}: lacks step / micro_batches / optimizer")
+    opt_tensors, _ = read_safetensors(path / "optimizer.safetensors")
     try:
-        load_full_state(model, read_model_file(model, path / "model.safetensors"), optimizer, optim_sd)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        optim_sd = optimizer_from_flat(opt_tensors, state.pop("optimizer"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path / 'state.json'}: optimizer entry does not match optimizer.safetensors ({e!r})") from None
+    model_sd = read_model_file(model, path / "model.safetensors")
+    for what, check in (("model.safetensors", lambda: (check_model_state(model, model_sd), check_finite(model_sd))),
+                        ("optimizer.safetensors", lambda: (check_optimizer_state(model, optimizer, optim_sd),
+                                                           check_finite(opt_tensors, "optimizer tensors")))):
+        try:
+            check()
+        except ValueError as e:
+            raise CheckpointError(f"{path / what}: {e}") from None
+    rng = None
     rng_file = path / f"rng_{rank}.safetensors"
-    if rng_file.is_file():
-        set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng_{rank}.json").read_text()))
+    if rng_file.exists() or (path / f"rng_{rank}.json").exists():
+        rng_tensors, _ = read_safetensors(rng_file)
+        rng_meta = read_json(path / f"rng_{rank}.json")
+        if "torch" not in rng_tensors or not isinstance(rng_meta, dict) or not {"numpy", "python"} <= set(rng_meta):
+            raise CheckpointError(f"{rng_file}: not a generator state")
+        rng = (rng_tensors, rng_meta)
+    return {"path": path, "state": state, "model_sd": model_sd, "optim_sd": optim_sd, "rng": rng, "rank": rank}
+
+
+def apply_checkpoint(loaded: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Put what ``read_checkpoint`` read into model, optimizer and this process's generators;
+    returns state.json. Collective under torch.distributed (each process keeps its shard)."""
+    path = loaded["path"]
+    try:
+        load_full_state(model, loaded["model_sd"], optimizer, loaded["optim_sd"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if loaded["rng"] is not None:
+        set_rng_state(*loaded["rng"])
     else:  # more processes than when saved: this one keeps its fresh seed
-        log.warning("%s has no generator state for rank %d; the resumed run is not bit-exact", path, rank)
-    return state
+        log.warning("%s has no generator state for rank %d; the resumed run is not bit-exact", path, loaded["rank"])
+    return loaded["state"]
+
+
+def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+    """Check, then restore model, optimizer and this process's generators from ``path``; returns
+    state.json. Collective under torch.distributed (every process reads the files and keeps its
+    shard). A damaged or unfitting checkpoint is a CheckpointError and changes nothing."""
+    return apply_checkpoint(read_checkpoint(path, model=model, optimizer=optimizer, rank=rank),
+                            model=model, optimizer=optimizer)

@@ -122,17 +122,117 @@ def load_full_state(model: nn.Module, model_sd: StateDict, optimizer: Optional[t
                     optim_sd: Optional[dict] = None) -> None:
     """Load full state dicts (as ``gather_full_state`` returns them on rank 0) into ``model`` and
     ``optimizer``; every process passes the same full dicts and keeps its shard. Collective.
-    ``model_sd`` must name every entry of the model's state dict (tied names included)."""
+    ``model_sd`` must name every entry of the model's state dict (tied names included) with its
+    shape and a dtype that casts safely, and nothing else; ``optim_sd`` must hold state of the
+    optimizer's parameters with their shapes: otherwise a ValueError names the tensors that do not
+    fit, before anything is loaded."""
+    check_model_state(model, model_sd)
+    if optimizer is not None:
+        check_optimizer_state(model, optimizer, optim_sd)
     opts = StateDictOptions(full_state_dict=True, strict=False)
     missing, unexpected = set_model_state_dict(model, model_sd, options=opts)
-    if missing or unexpected:
-        raise ValueError(f"weights do not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    if missing or unexpected:  # cannot happen after check_model_state; kept as a second guard
+        raise ValueError(f"weights do not fit the model: {_mismatch_text(sorted(missing), sorted(unexpected), [])}")
     if optimizer is not None:
         names = _param_names(model, optimizer)
         tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, _by_name(optim_sd, names), options=opts)
         for group, keys in zip(optimizer.param_groups, tuples):  # DCP hands tuples back as lists (betas)
             group.update({k: tuple(group[k]) for k in keys})
+
+
+# Known wrappers that put a name component in front of the plain module's names (torch.compile,
+# activation checkpointing); torch.distributed.checkpoint drops them the same way.
+_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def expected_state(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (full shape, dtype) of every entry of ``model``'s state dict, read from the model
+    itself (an FSDP2 DTensor reports its full shape). No collective."""
+    out = {}
+    for name, t in model.state_dict().items():
+        name = ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
+        out[name] = (tuple(t.shape), t.dtype)
+    return out
+
+
+def castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    """A tensor of dtype ``src`` may be loaded into one of ``dst``: the same dtype, or floating
+    point into floating point (precision changes, the meaning does not). Integers, booleans and
+    floats never turn into one another."""
+    return src == dst or (src.is_floating_point and dst.is_floating_point) or (src.is_complex and dst.is_complex)
+
+
+def check_model_state(model: nn.Module, model_sd: StateDict) -> None:
+    """ValueError naming the missing, unexpected, mis-shaped and wrongly typed tensors of
+    ``model_sd`` against ``model``'s own state dict (torch's ``set_model_state_dict`` fills the
+    caller's dict with the model's own tensors first, so its missing-keys report cannot be relied
+    on). Tied names must all be present (``checkpoint.read_model_file`` puts them back)."""
+    want = expected_state(model)
+    missing = sorted(set(want) - set(model_sd))
+    unexpected = sorted(set(model_sd) - set(want))
+    bad = []
+    for name in sorted(set(want) & set(model_sd)):
+        shape, dtype = want[name]
+        t = model_sd[name]
+        if not isinstance(t, Tensor):
+            bad.append(f"{name} is a {type(t).__name__}, not a tensor")
+        elif tuple(t.shape) != shape:
+            bad.append(f"{name} has shape {tuple(t.shape)} in the file, {shape} in the model")
+        elif not castable(t.dtype, dtype):
+            bad.append(f"{name} is {t.dtype} in the file, {dtype} in the model")
+    if missing or unexpected or bad:
+        raise ValueError(f"weights do not fit the model: {_mismatch_text(missing, unexpected, bad)}")
+
+
+def check_finite(tensors: StateDict, what: str = "weights") -> None:
+    """ValueError naming the floating-point tensors that hold NaN or infinity (a diverged or
+    damaged file must not load and then report "accuracy 24%, loss nan")."""
+    bad = [name for name, t in sorted(tensors.items())
+           if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{what} hold NaN or infinite values: {_few(bad)}")
+
+
+def check_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: Optional[dict]) -> None:
+    """ValueError unless ``optim_sd`` (``optimizer.state_dict()`` layout) fits ``optimizer``: the
+    same parameter groups and sizes, state only for its parameters, per-parameter tensors of the
+    parameter's shape."""
+    if not isinstance(optim_sd, dict) or "param_groups" not in optim_sd or "state" not in optim_sd:
+        raise ValueError("optimizer state is not an optimizer state dict (no param_groups / state)")
+    saved = [len(g.get("params", ())) for g in optim_sd["param_groups"]]
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != have:
+        raise ValueError(f"optimizer state has parameter groups of sizes {saved}, the optimizer {have}")
+    shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    bad = []
+    for idx, pstate in optim_sd["state"].items():
+        i = int(idx)
+        if not 0 <= i < len(shapes):
+            bad.append(f"state for parameter {i}, but the optimizer has {len(shapes)}")
+            continue
+        for key, value in pstate.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[i]:
+                bad.append(f"{i}.{key} has shape {tuple(value.shape)}, the parameter {shapes[i]}")
+    if bad:
+        raise ValueError(f"optimizer state does not fit the optimizer: {_few(bad)}")
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    """The first ``n`` items, then how many more."""
+    head = ", ".join(items[:n])
+    return head + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _mismatch_text(missing: list[str], unexpected: list[str], bad: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if bad:
+        parts.append(f"{len(bad)} that do not match ({_few(bad)})")
+    return "; ".join(parts)
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -8,14 +8,17 @@ specifics; checkpoints always hold full, unsharded state). Models are called as
 ``out.loss`` as the model made it (the model adds its load-balance term, once) and logs the
 model's own ``out.metrics``; it knows nothing else about the task (classifier, decoder, denoiser).
 
-Run directory (``train.out_dir``):
+Run directory (``train.out_dir``; who may write it, and when: ``moh.train.rundir``):
     config.yaml  model.safetensors  final.json     the result (``load_run`` reads these)
     metrics.jsonl / .csv  eval.jsonl / .csv  tb/   logs
     checkpoints/step_XXXXXXXX/                     resumable state (see ``moh.train.checkpoint``)
+    resumes.jsonl                                  one line per resume: the step, what changed
+    .lock                                          held by the run in progress
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -36,10 +39,11 @@ from tqdm.auto import tqdm
 from moh.data import build_dataset
 from moh.models import create_model
 from moh.train import checkpoint as ckpt
-from moh.train.config import RunConfig
+from moh.train import rundir
+from moh.train.config import RunConfig, check_data_args
 from moh.train.distributed import is_sharded, local_tensor, no_sync, scalar, shard_model
-from moh.train.metrics import MetricsLogger, add_metric_sums, count_items, metric_means, reduce_sums
-from moh.train.sampler import ResumableBatchSampler
+from moh.train.metrics import MetricsLogger, add_metric_sums, count_items, metric_means, read_jsonl, reduce_sums
+from moh.train.sampler import EpochKeyedBatches, ResumableBatchSampler, SeededItems
 from moh.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -142,18 +146,51 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def _check(cfg: RunConfig) -> None:
-    t, o = cfg.train, cfg.optim
-    for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                        ("train.log_every", t.log_every)):
-        if value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
-    for name, value in (("train.save_every", t.save_every), ("train.eval_every", t.eval_every),
-                        ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip)):
-        if value < 0:
-            raise ValueError(f"{name}={value} must be >= 0")
-    if len(o.betas) != 2:
-        raise ValueError(f"optim.betas={o.betas} must be two numbers")
+def _check(cfg: RunConfig, *, model: bool = True, data: bool = True) -> None:
+    """Every value of ``cfg`` (again: it may have changed since it was built), the model preset
+    and its overrides (``model``), the data set and its arguments (``data``; converted to their
+    annotated types in place). ValueErrors name the key."""
+    cfg.validate()
+    if model:
+        from moh.models import model_config
+
+        spec = model_config(cfg.model.name, **cfg.model.overrides)  # unknown preset / key, bad value
+        if hasattr(spec, "attention_configs"):
+            spec.attention_configs()  # every layer's MoHConfig checks itself (top_k, heads, ...)
+    if data:
+        cfg.data.args = check_data_args(cfg.data.name, cfg.data.args)
+
+
+def _check_model_fits_data(model: nn.Module, data: Dataset, cfg: RunConfig) -> None:
+    """One forward of two training items before anything is written: a model that cannot take the
+    data (an image model on token data, labels past the last class, ids past the vocabulary) is a
+    ValueError naming both, not a traceback from inside the model at step 1."""
+    where = f"model {cfg.model.name!r} and data {cfg.data.name!r}"
+    labels = getattr(data, "labels", None)
+    num_classes = getattr(getattr(model, "cfg", None), "num_classes", None)
+    if isinstance(labels, Tensor) and labels.dim() == 1 and labels.numel() and isinstance(num_classes, int):
+        if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+            raise ValueError(f"{where} do not fit: labels run from {int(labels.min())} to {int(labels.max())}, "
+                             f"the model has num_classes={num_classes}")
+    vocab, model_vocab = getattr(data, "vocab_size", None), getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if isinstance(vocab, int) and isinstance(model_vocab, int) and vocab > model_vocab:
+        raise ValueError(f"{where} do not fit: the data uses {vocab} token ids, the model has vocab_size={model_vocab}")
+    if len(data) == 0:
+        raise ValueError(f"data {cfg.data.name!r} has no training items")
+    from torch.utils.data import default_collate
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            batch = default_collate([data[i] for i in range(min(2, len(data)))])
+            model.eval()
+            model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
+    except (TypeError, IndexError, RuntimeError, KeyError) as e:
+        raise ValueError(f"{where} do not fit: a forward of two training items failed with "
+                         f"{type(e).__name__}: {e}") from None
+    finally:
+        model.train(was_training)
 
 
 def _touch_all_params(model: nn.Module) -> Tensor:
@@ -231,11 +268,25 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
     """Train ``cfg``'s model (or ``model``) on ``cfg``'s data (or the given data sets).
 
     ``train.seed`` seeds model init, data order and dropout (process r uses seed + r for
-    dropout). With ``train.resume`` the latest checkpoint in ``out_dir/checkpoints`` is restored and
-    the run continues exactly where it stopped; without it, old checkpoints there are removed."""
-    _check(cfg)
-    t = cfg.train
+    dropout); augmentation draws from (seed, epoch, item) (``SeededItems``). With ``train.resume``
+    the newest intact checkpoint in ``out_dir/checkpoints`` is restored and the run continues
+    exactly where it stopped; its configuration must be the saved one (``moh.train.rundir``). A
+    directory that holds another run is refused unless ``train.overwrite``. Nothing is written
+    before the data and the model are built and the checks passed; ``out_dir/.lock`` keeps a
+    second run out while this one is in progress."""
+    _check(cfg, model=model is None, data=train_data is None or eval_data is None)
     accelerator = _accelerator()
+    _on_main(accelerator, lambda: rundir.preflight(cfg))  # read-only
+    lock = rundir.RunLock(cfg.train.out_dir)
+    try:
+        return _fit(cfg, accelerator, lock, model, train_data, eval_data)
+    finally:
+        lock.release(discard=not lock.started)
+
+
+def _fit(cfg: RunConfig, accelerator, lock: rundir.RunLock, model: Optional[nn.Module], train_data: Optional[Dataset],
+         eval_data: Optional[Dataset]) -> FitResult:
+    t = cfg.train
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     out_dir = Path(t.out_dir)
     if model is None:
@@ -244,21 +295,27 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
     train_data = train_data if train_data is not None else build_dataset(cfg.data.name, "train", **cfg.data.args)
     if eval_data is None:
         eval_data = build_dataset(cfg.data.name, cfg.data.eval_split, **cfg.data.args)
+    _check_model_fits_data(model, train_data, cfg)
     seed_everything(t.seed + rank)
     model, optimizer = _prepare(accelerator, model, cfg)
     raw = accelerator.unwrap_model(model)
     sampler = ResumableBatchSampler(len(train_data), t.batch_size, seed=t.seed, rank=rank, world_size=world)
-    start = _restore_or_clean(cfg, accelerator, raw, optimizer, sampler)  # last use of the generators' old state
-    # the loader gets its own generator so creating its iterator leaves torch's global RNG alone
-    batches = iter(DataLoader(train_data, batch_sampler=sampler, num_workers=t.num_workers,
-                              generator=torch.Generator().manual_seed(t.seed)))
+    start, finished = _restore_or_clean(cfg, accelerator, raw, optimizer, sampler, lock)  # last use of the generators' old state
+    if finished:
+        return _finished_run(raw, out_dir)
+    # item randomness is a function of (seed, epoch, index), whichever worker loads it; the loader
+    # gets its own generator so creating its iterator leaves torch's global RNG alone
+    batches = iter(DataLoader(SeededItems(train_data, t.seed), batch_sampler=EpochKeyedBatches(sampler),
+                              num_workers=t.num_workers, generator=torch.Generator().manual_seed(t.seed)))
     metrics = MetricsLogger(out_dir, "metrics", start_step=start, use_csv=t.metrics_csv, tensorboard=t.tensorboard,
                             enabled=main)
     evals = MetricsLogger(out_dir, "eval", start_step=start, use_csv=t.metrics_csv, tensorboard=t.tensorboard,
                           enabled=main)
+    show_bar = t.progress and main and sys.stderr.isatty()  # else a log line every log_every steps
+    bar = tqdm(total=t.steps, initial=start, desc="train", disable=not show_bar)
     if main:
-        cfg.save(out_dir / "config.yaml")
-    bar = tqdm(total=t.steps, initial=start, desc="train", disable=not (t.progress and main and sys.stderr.isatty()))
+        log.info("training %s on %s: steps %d..%d, %d process(es) x batch %d x accum %d, run directory %s",
+                 cfg.model.name, cfg.data.name, start, t.steps, world, t.batch_size, t.grad_accum, out_dir)
     window, t_run = _Window(), time.perf_counter()
     for step in range(start, t.steps):
         lr = lr_at(step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, total_steps=t.steps,
@@ -275,13 +332,19 @@ def fit(cfg: RunConfig, *, model: Optional[nn.Module] = None, train_data: Option
         bar.set_postfix(loss=f"{local['loss']:.3f}", **{k: f"{shown[k]:.3f}" for k in ("acc", "heads_active") if k in shown},
                         items_s=f"{local['items'] * world / seconds:.0f}", refresh=False)
         _after_step(step + 1, cfg, accelerator, raw, optimizer, eval_data, window, lr, metrics, evals)
+        if main and not show_bar and metrics.records and metrics.records[-1]["step"] == step + 1:
+            log.info("%s", _progress_line(metrics.records[-1], start, t.steps, time.perf_counter() - t_run))
     bar.close()
     final = evaluate(raw, eval_data, t.batch_size, t.eval_batches)
     evals.log({"step": t.steps, **final})
     ckpt.save_weights(raw, out_dir / "model.safetensors")  # every process: an FSDP model is gathered
+    if main and hasattr(raw, "save_run_files"):  # a transformers model: config.json, tokenizer (moh.hf.run)
+        raw.save_run_files(out_dir, train_data)
     if main:
-        summary = dict(final, step=t.steps, train_time_s=time.perf_counter() - t_run, resumed_from=start)
+        summary = dict(final, step=t.steps, train_time_s=time.perf_counter() - t_run, resumed_from=start,
+                       model_sha256=ckpt.sha256_file(out_dir / "model.safetensors"))
         ckpt.atomic_write_text(out_dir / "final.json", json.dumps(summary, indent=1))
+        rundir.finish_overwrite(out_dir)
     metrics.close()
     evals.close()
     accelerator.wait_for_everyone()
@@ -312,27 +375,142 @@ def _prepare(accelerator, model: nn.Module, cfg: RunConfig):
     return accelerator.prepare(model, build_optimizer(model, cfg.optim))
 
 
-def _restore_or_clean(cfg: RunConfig, accelerator, raw: nn.Module, optimizer, sampler: ResumableBatchSampler) -> int:
-    """Resume: load the latest checkpoint (model, optimizer, generators, data position) and return
-    its step. Fresh run: remove old checkpoints (they belong to another run) and return 0."""
-    root = Path(cfg.train.out_dir) / "checkpoints"
-    if not cfg.train.resume:
-        if accelerator.is_main_process and ckpt.list_checkpoints(root):
-            log.warning("removing old checkpoints in %s (fresh run; pass resume to continue them)", root)
-            for p in ckpt.list_checkpoints(root):
-                ckpt.remove_dir(p)
-        accelerator.wait_for_everyone()
-        return 0
-    latest = ckpt.latest_checkpoint(root)
-    if latest is None:
+def _on_main(accelerator, fn):
+    """``fn()`` on the main process; its ValueError is raised on every process (rather than the
+    others waiting at the next barrier). Returns fn's result on the main process, None elsewhere."""
+    error, result = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except ValueError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def _problems_anywhere(accelerator, problem: Optional[str]) -> list[str]:
+    """Every process's problem with the checkpoint it just read (so all agree to skip it)."""
+    if accelerator.num_processes == 1:
+        return [problem] if problem else []
+    from accelerate.utils import gather_object
+
+    return [p for p in gather_object([problem]) if p]
+
+
+def _restore_or_clean(cfg: RunConfig, accelerator, raw: nn.Module, optimizer, sampler: ResumableBatchSampler,
+                      lock: rundir.RunLock) -> tuple[int, bool]:
+    """Start the run in ``out_dir``: take its lock, check it again under the lock, remove debris
+    of interrupted saves / prunes. Resume: restore the newest intact checkpoint (model, optimizer,
+    generators, data position); damaged newer ones are renamed ``.damaged-step_*`` with a warning
+    saying why. Fresh run (``overwrite``): the old run's files are moved aside. Writes config.yaml
+    (a fresh run; a resume only when train.steps changed) and returns (step, already finished)."""
+    t, main = cfg.train, accelerator.is_main_process
+    out_dir = Path(t.out_dir)
+    root = out_dir / "checkpoints"
+
+    def take() -> Optional[RunConfig]:
+        lock.acquire()
+        saved = rundir.preflight(cfg)  # again: another run may have come and gone since
+        gone = ckpt.remove_leftovers(root)
+        if gone:
+            log.warning("removed what interrupted checkpoint saves / prunes left in %s: %s", root, ", ".join(gone))
+        return saved
+
+    saved = _on_main(accelerator, take)
+    if t.resume:
+        skipped: list[tuple[Path, str]] = []
+        for path in reversed(ckpt.list_checkpoints(root)):
+            try:
+                loaded, problem = ckpt.read_checkpoint(path, model=raw, optimizer=optimizer,
+                                                       rank=accelerator.process_index), None
+            except ckpt.CheckpointError as e:
+                loaded, problem = None, str(e)
+            problems = _problems_anywhere(accelerator, problem)
+            if problems:
+                log.warning("resume: skipping damaged checkpoint %s: %s", path, "; ".join(problems))
+                skipped.append((path, "; ".join(problems)))
+                continue
+            return _resume_from(cfg, accelerator, raw, optimizer, sampler, lock, loaded, saved, skipped)
+        if skipped:
+            raise ValueError(f"resume: no intact checkpoint in {root}: "
+                             + "; ".join(f"{p.name}: {why}" for p, why in skipped))
         log.warning("resume: no checkpoint in %s; starting from step 0", root)
-        return 0
-    state = ckpt.load_checkpoint(latest, model=raw, optimizer=optimizer, rank=accelerator.process_index)
-    if state["step"] > cfg.train.steps:
-        raise ValueError(f"train.steps={cfg.train.steps} but the checkpoint {latest} is already at step {state['step']}")
+    if main:
+        lock.started = True
+        if t.overwrite:
+            rundir.move_aside(out_dir)
+        if saved is None or not t.resume:
+            rundir.to_save(cfg).save(out_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return 0, False
+
+
+def _resume_from(cfg: RunConfig, accelerator, raw, optimizer, sampler, lock, loaded: dict, saved: Optional[RunConfig],
+                 skipped: list) -> tuple[int, bool]:
+    """Apply a checkpoint ``read_checkpoint`` found intact; record the resume."""
+    t, main = cfg.train, accelerator.is_main_process
+    out_dir, path, step = Path(t.out_dir), loaded["path"], loaded["state"]["step"]
+    if step > t.steps:
+        raise ValueError(f"train.steps={t.steps} but the checkpoint {path} is already at step {step}")
+    if loaded["state"].get("world_size", accelerator.num_processes) != accelerator.num_processes:
+        log.warning("resume: %s was written by %s processes, this run has %d: the data order continues, the "
+                    "result is not bit-identical to an uninterrupted run", path, loaded["state"].get("world_size"),
+                    accelerator.num_processes)
+    state = ckpt.apply_checkpoint(loaded, model=raw, optimizer=optimizer)
     sampler.start = state["micro_batches"]
-    log.info("resumed from %s (step %d)", latest, state["step"])
-    return state["step"]
+    finished = step == t.steps and _finished_at(out_dir) == step
+    if main:
+        lock.started = True
+        for p, _ in skipped:
+            log.warning("resume: %s renamed to %s", p, ckpt.set_aside(p).name)
+        if finished:
+            log.info("resume: %s finished at step %d already; nothing to do", out_dir, step)
+        else:
+            changes = rundir.config_changes(saved, cfg) if saved is not None else {}
+            if saved is None or "train.steps" in changes:  # record the new length, nothing else
+                keep = saved or cfg
+                rundir.to_save(dataclasses.replace(keep, train=dataclasses.replace(keep.train, steps=t.steps))).save(
+                    out_dir / "config.yaml")
+            if "train.steps" in changes:
+                log.warning("resume: train.steps %d -> %d; the learning-rate schedule after step %d follows the "
+                            "new total", changes["train.steps"][0], t.steps, step)
+            rundir.record_resume(out_dir, step, changes)
+            log.info("resumed from %s (step %d)", path, step)
+    accelerator.wait_for_everyone()
+    return step, finished
+
+
+def _finished_at(out_dir: Path) -> Optional[int]:
+    """The step final.json reports, when it and model.safetensors are there."""
+    try:
+        final = json.loads((out_dir / "final.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return final.get("step") if isinstance(final, dict) and (out_dir / "model.safetensors").is_file() else None
+
+
+def _finished_run(raw: nn.Module, out_dir: Path) -> FitResult:
+    """The FitResult of a run that had finished before this resume; nothing is written."""
+    final = json.loads((out_dir / "final.json").read_text())
+    keep = {k: v for k, v in final.items() if k not in ("step", "train_time_s", "resumed_from", "model_sha256")}
+    return FitResult(model=raw, history=read_jsonl(out_dir / "metrics.jsonl"), eval=keep, out_dir=out_dir)
+
+
+def _progress_line(rec: dict, start: int, total: int, seconds: float) -> str:
+    """``step 20/100  loss 1.234  acc 0.567  890 items/s  eta 0:01:05`` (the log line printed when
+    no progress bar is shown)."""
+    done = rec["step"] - start
+    eta = seconds / max(done, 1) * (total - rec["step"])
+    parts = [f"step {rec['step']}/{total}", f"loss {rec['loss']:.4f}"]
+    parts += [f"{k} {rec[k]:.3f}" for k in ("acc", "heads_active") if isinstance(rec.get(k), float)]
+    parts.append(f"{rec.get('items_per_s', 0.0):.0f} items/s")
+    parts.append(f"eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+    return "  ".join(parts)
 
 
 def _after_step(done: int, cfg: RunConfig, accelerator, raw, optimizer, eval_data, window, lr, metrics, evals) -> None:
@@ -365,12 +543,27 @@ def _log_record(window: _Window, step: int, lr: float, world: int, reduce) -> di
 
 
 def load_run(out_dir: str | Path) -> tuple[nn.Module, RunConfig]:
-    """The trained model (eval mode) and resolved config of a finished run directory."""
+    """The trained model (eval mode) and resolved config of a finished run directory. The weights
+    must fit the configured model exactly, hold no NaN / infinity, and (when final.json records
+    it) have the sha256 the run wrote: otherwise a ValueError naming the file."""
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ValueError(f"{str(out_dir)!r} is not a finished run: "
+                         f"{'it is a file, not a directory' if out_dir.exists() else 'no such directory'}")
     for name in ("config.yaml", "model.safetensors"):
         if not (out_dir / name).is_file():
             raise ValueError(f"{str(out_dir)!r} is not a finished run: {name} is missing")
-    cfg = RunConfig.load(out_dir / "config.yaml")
-    model = create_model(cfg.model.name, **cfg.model.overrides)
-    ckpt.load_weights(model, out_dir / "model.safetensors")
+    cfg = rundir.saved_config(out_dir)
+    try:
+        model = create_model(cfg.model.name, **cfg.model.overrides)
+    except ValueError as e:
+        raise ValueError(f"{out_dir / 'config.yaml'}: {e}") from None
+    weights = out_dir / "model.safetensors"
+    try:
+        recorded = json.loads((out_dir / "final.json").read_text()).get("model_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded and ckpt.sha256_file(weights) != recorded:
+        raise ckpt.CheckpointError(f"{weights}: content differs from what the run wrote (sha256 in final.json)")
+    ckpt.load_weights(model, weights)
     return model.eval(), cfg

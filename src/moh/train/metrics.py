@@ -37,10 +37,30 @@ def count_items(batch: dict) -> int:
     return first.shape[0]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL log. A last line that does not parse (a kill in the middle of a
+    write) is dropped with a warning; a bad line before it is damage: a ValueError naming the file
+    and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    records = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+            if k == len(lines) - 1:
+                log.warning("%s: dropping its incomplete last line %d (%r)", path, lineno, line[:80])
+                break
+            raise ValueError(f"{path}: line {lineno} is not a record with a step: {line[:80]!r}")
+        records.append(rec)
+    return records
 
 
 class MetricsLogger:
@@ -53,12 +73,15 @@ class MetricsLogger:
         self.enabled = enabled
         self.jsonl, self.csv = out_dir / f"{name}.jsonl", (out_dir / f"{name}.csv" if use_csv else None)
         self.name = name
-        self.records = [r for r in _read_jsonl(self.jsonl) if r["step"] <= start_step] if start_step else []
+        self.records = [r for r in read_jsonl(self.jsonl) if r["step"] <= start_step] if start_step else []
         self.writer = None
         if not enabled:
             return
+        from moh.train.checkpoint import atomic_write_text
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        # kept records, atomically: a kill here leaves the old file, never a truncated one
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records))
         if self.csv is not None:
             self._rewrite_csv()
         if tensorboard:
