@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import moh
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
@@ -19,5 +21,10 @@ def test_readme_has_python_examples():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = BLOCKS[index]
-    exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    before = {reg: set(reg.names()) for reg in (moh.BACKENDS, moh.ROUTERS)}
+    try:
+        exec(compile(BLOCKS[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    finally:  # what a block registered does not leak into other tests
+        for reg, names in before.items():
+            for name in set(reg.names()) - names:
+                reg.unregister(name)

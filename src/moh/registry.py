@@ -23,6 +23,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it named (tests register temporary entries)."""
+        self.get(name)  # raises naming the valid names
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -23,7 +23,18 @@ from moh.core.cache import KVCache
 
 FAST_BACKENDS = [b for b in BACKENDS.names() if b != "reference"]
 # the sparse backend with its kernel choice forced to a CUDA-like device, on CPU tensors (no Triton)
-BACKENDS.register("sparse_portable", overwrite=True)(SparseBackend(replace(CUDA, triton=False), device="cuda"))
+PORTABLE = SparseBackend(replace(CUDA, triton=False), device="cuda")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_backends():
+    """Test-only backends, registered while this module's tests run (other modules iterate over
+    BACKENDS): the portable sparse path, and per hypothesis case sparse with drawn tuning."""
+    BACKENDS.register("sparse_portable", overwrite=True)(PORTABLE)
+    yield
+    for name in ("sparse_portable", "sparse_case", "sparse_case_portable"):
+        if name in BACKENDS:
+            BACKENDS.unregister(name)
 
 
 def build(seed: int, **kw) -> MoHAttention:

@@ -33,7 +33,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # every used head gathered (dense_from > 1), so the Triton rows kernel does the causal rows
 TRITON = SparseBackend(replace(CUDA, triton=True, triton_tuning=SMALL, dense_from=1.01, dense_from_causal=1.01),
                        device="cuda")
-BACKENDS.register("sparse_triton_test", overwrite=True)(TRITON)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_backend():
+    """Registered only while this module's tests run (other modules iterate over BACKENDS)."""
+    BACKENDS.register("sparse_triton_test", overwrite=True)(TRITON)
+    yield
+    BACKENDS.unregister("sparse_triton_test")
 
 
 def layer(**kw) -> MoHAttention:
