@@ -123,3 +123,6 @@ class QueryNormRouter(nn.Module):
 
 def build_router(cfg) -> nn.Module:
     return ROUTERS.get(cfg.router)(cfg)
+
+
+from moh.core import calibrated as _calibrated  # noqa: E402,F401  (registers "calibrated"; it imports from here)

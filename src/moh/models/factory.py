@@ -14,8 +14,17 @@ from moh.registry import Registry
 MODELS: Registry[Callable[[], Any]] = Registry("model")
 
 
+HF_PREFIX = "hf:"  # model name "hf:DIR": a saved moh model directory (moh convert OUT, save_pretrained)
+
+
 def model_config(name: str, **overrides: Any):
-    """The preset's config with ``overrides`` applied; unknown keys raise naming the key."""
+    """The preset's config with ``overrides`` applied; unknown keys raise naming the key.
+    ``hf:DIR``: the config of the moh model saved in DIR (``moh convert``'s output)."""
+    if name.startswith(HF_PREFIX):
+        from moh.hf.configuration import MoHLMConfig
+
+        path = _hf_dir(name)
+        return MoHLMConfig.from_pretrained(path).with_overrides(name, **overrides)
     cfg = MODELS.get(name)()
     if hasattr(cfg, "with_overrides"):  # a transformers config (moh.hf.MoHLMConfig) validates its own
         return cfg.with_overrides(name, **overrides)
@@ -28,7 +37,22 @@ def model_config(name: str, **overrides: Any):
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
+    """The preset's model (random initialisation), or for ``hf:DIR`` the saved model's weights."""
+    if name.startswith(HF_PREFIX):
+        from moh.hf.modeling import MoHForCausalLM
+
+        return MoHForCausalLM.from_pretrained(_hf_dir(name), config=model_config(name, **overrides))
     return model_config(name, **overrides).build()
+
+
+def _hf_dir(name: str) -> str:
+    from pathlib import Path
+
+    path = Path(name[len(HF_PREFIX):]).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {name!r}: {str(path)!r} is not a saved moh model directory (no config.json); "
+                         f"make one with moh convert SRC OUT")
+    return str(path)
 
 
 def list_models() -> list[str]:

@@ -39,12 +39,21 @@ def _at_least(section: Any, prefix: str, low: int, *names: str) -> None:
 
 @dataclass
 class ModelSpec:
-    name: str = "moh-vit-tiny-50"  # a preset from moh.models.list_models()
+    name: str = "moh-vit-tiny-50"  # a preset from moh.models.list_models(), or hf:DIR (a moh model directory)
     overrides: dict = field(default_factory=dict)  # fields of the preset's config
+    lora: dict = field(default_factory=dict)  # LoRA adapters (PEFT): r, alpha, dropout, targets (moh.train.finetune)
+    trainable: list = field(default_factory=list)  # fnmatch patterns of parameters to train (empty: all / LoRA's)
 
     def __post_init__(self) -> None:
         _need(isinstance(self.name, str) and self.name.strip() != "", "model.name", self.name, "must be a preset name")
         _need(isinstance(self.overrides, dict), "model.overrides", self.overrides, "must be a mapping")
+        _need(isinstance(self.lora, dict), "model.lora", self.lora, "must be a mapping (r, alpha, dropout, targets)")
+        _need(isinstance(self.trainable, list) and all(isinstance(p, str) for p in self.trainable), "model.trainable",
+              self.trainable, "must be a list of parameter name patterns")
+        if self.lora:
+            from moh.train.finetune import check_lora
+
+            check_lora(self.lora)
 
 
 @dataclass

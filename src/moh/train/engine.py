@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from moh.data import build_dataset
-from moh.models import create_model
+from moh.train.finetune import build_model
 from moh.train import checkpoint as ckpt
 from moh.train import rundir
 from moh.train.config import RunConfig, check_data_args
@@ -291,7 +291,7 @@ def _fit(cfg: RunConfig, accelerator, lock: rundir.RunLock, model: Optional[nn.M
     out_dir = Path(t.out_dir)
     if model is None:
         torch.manual_seed(t.seed)  # same init on every process
-        model = create_model(cfg.model.name, **cfg.model.overrides)
+        model = build_model(cfg.model)
     train_data = train_data if train_data is not None else build_dataset(cfg.data.name, "train", **cfg.data.args)
     if eval_data is None:
         eval_data = build_dataset(cfg.data.name, cfg.data.eval_split, **cfg.data.args)
@@ -555,7 +555,7 @@ def load_run(out_dir: str | Path) -> tuple[nn.Module, RunConfig]:
             raise ValueError(f"{str(out_dir)!r} is not a finished run: {name} is missing")
     cfg = rundir.saved_config(out_dir)
     try:
-        model = create_model(cfg.model.name, **cfg.model.overrides)
+        model = build_model(cfg.model)
     except ValueError as e:
         raise ValueError(f"{out_dir / 'config.yaml'}: {e}") from None
     weights = out_dir / "model.safetensors"
