@@ -18,6 +18,7 @@ COMMANDS = {
     "data": ("moh.data.cli", "fetch and verify data sets: moh data fetch fashion-mnist"),
     "analyze": ("moh.analysis.cli", "head-load pictures of a trained model (paper Fig. 8)"),
     "models": ("moh.models.cli", "list the model presets"),
+    "convert": ("moh.convert.cli", "a pretrained LLaMA / Mistral / Qwen2 (dir, GGUF, hub id) -> a moh model: moh convert SRC OUT --heads 75%"),
 }
 
 
