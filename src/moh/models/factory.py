@@ -25,15 +25,40 @@ def model_config(name: str, **overrides: Any):
 
         path = _hf_dir(name)
         return MoHLMConfig.from_pretrained(path).with_overrides(name, **overrides)
-    cfg = MODELS.get(name)()
-    if hasattr(cfg, "with_overrides"):  # a transformers config (moh.hf.MoHLMConfig) validates its own
-        return cfg.with_overrides(name, **overrides)
-    data = to_dict(cfg)
-    bad = sorted(set(overrides) - set(data))
-    if bad:
-        raise ValueError(f"unknown override(s) {bad} for model {name!r}; valid keys: {sorted(data)}")
-    data.update(overrides)
-    return from_dict(type(cfg), data)
+    preset = MODELS.get(name)()
+    if hasattr(preset, "with_overrides"):  # a transformers config (moh.hf.MoHLMConfig) validates its own
+        cfg = preset.with_overrides(name, **overrides)
+    else:
+        data = to_dict(preset)
+        bad = sorted(set(overrides) - set(data))
+        if bad:
+            raise ValueError(f"unknown override(s) {bad} for model {name!r}; valid keys: {sorted(data)}")
+        data.update(overrides)
+        cfg = from_dict(type(preset), data)
+    _check_head_fraction(name, preset, cfg, overrides)
+    return cfg
+
+
+# overrides that decide which heads a token uses; changing the head count without one of them
+# would silently change a preset's fraction of active heads (2 shared + top-2 of 8 heads is 50%,
+# of 4 heads 100%)
+_HEAD_COUNT = {"num_heads", "num_attention_heads"}
+_HEAD_SPLIT = {"num_shared", "num_shared_heads", "top_k", "top_k_heads", "layer_heads", "router"}
+
+
+def _check_head_fraction(name: str, preset: Any, cfg: Any, overrides: dict) -> None:
+    if not _HEAD_COUNT & set(overrides) or _HEAD_SPLIT & set(overrides):
+        return
+    before, after = _active_fraction(preset), _active_fraction(cfg)
+    if abs(before - after) > 1e-9:
+        raise ValueError(
+            f"overriding {sorted(_HEAD_COUNT & set(overrides))} changes {name!r} from {before:.0%} to {after:.0%} "
+            f"of heads active; give num_shared / top_k (or layer_heads) too, or pick another preset")
+
+
+def _active_fraction(cfg: Any) -> float:
+    layers = cfg.attention_configs()
+    return sum(a.active_heads for a in layers) / sum(a.num_heads for a in layers)
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
