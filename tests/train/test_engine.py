@@ -66,7 +66,7 @@ def test_loss_decreases_and_run_dir_is_complete(smoke_cfg):
 def test_decoder_accuracy_and_loss_follow_the_shifted_convention():
     data = build_dataset("mqar", "test", num_examples=12, seq_len=32, num_kv_pairs=4, vocab_size=32)
     torch.manual_seed(0)
-    model = create_model("moh-llm-tiny-50", vocab_size=32, dim=32, depth=1, num_heads=4).eval()
+    model = create_model("moh-llm-tiny-50", vocab_size=32, dim=32, depth=1, num_heads=4, num_shared=1, top_k=1).eval()
     got = evaluate(model, data, batch_size=5)  # uneven batches: 5, 5, 2
     ids = torch.stack([d["input_ids"] for d in data])
     labels = torch.stack([d["labels"] for d in data])
@@ -88,7 +88,7 @@ def test_batch_accuracy_by_hand():
 
 
 def test_decoder_fit_counts_tokens(smoke_cfg):
-    cfg = smoke_cfg("model.name=moh-llm-tiny-50", "model.overrides={vocab_size: 32, dim: 32, depth: 1, num_heads: 4}",
+    cfg = smoke_cfg("model.name=moh-llm-tiny-50", "model.overrides={vocab_size: 32, dim: 32, depth: 1, num_heads: 4, num_shared: 1, top_k: 1}",
                     "data.name=mqar", "data.args={num_examples: 64, seq_len: 32, num_kv_pairs: 4, vocab_size: 32}",
                     "train.steps=2", "train.batch_size=8", "train.log_every=1", "train.save_every=0")
     result = fit(cfg)
