@@ -26,6 +26,22 @@ def check_safetensors_files(directory: Path) -> None:
             raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
+def check_model_type(config_file: Path, model_type: str) -> None:
+    """A ``config.json`` of another model type is a ValueError naming it (checked before any
+    weights are read; transformers itself only warns)."""
+    import json
+
+    if not config_file.is_file():
+        return  # transformers says what is missing
+    try:
+        kind = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{config_file}: not a readable JSON config ({e})") from None
+    if kind != model_type:
+        raise ValueError(f"{config_file}: model_type={kind!r}, not {model_type!r}: it is not a moh model "
+                         f"(convert a LLaMA model with moh.hf.from_llama)")
+
+
 def loading_problems(info: dict) -> list[str]:
     """What ``from_pretrained(..., output_loading_info=True)`` reported that is not a clean load."""
     problems = []
@@ -46,8 +62,11 @@ def strict_from_pretrained(load: Callable[..., Any], cls: type, path: Any, *args
     when the weights do not fit the model exactly or a file is damaged; safetensors only."""
     want_info = kwargs.pop("output_loading_info", False)
     kwargs.setdefault("use_safetensors", True)
+    kwargs["ignore_mismatched_sizes"] = True  # let transformers report them (in the info), then refuse them here
     local = Path(str(path))
     if local.is_dir():
+        if kwargs.get("config") is None:
+            check_model_type(local / "config.json", cls.config_class.model_type)
         check_safetensors_files(local)
     try:
         model, info = load(path, *args, output_loading_info=True, **kwargs)
@@ -64,4 +83,4 @@ def strict_from_pretrained(load: Callable[..., Any], cls: type, path: Any, *args
     return (model, info) if want_info else model
 
 
-__all__ = ["strict_from_pretrained", "check_safetensors_files", "loading_problems"]
+__all__ = ["strict_from_pretrained", "check_safetensors_files", "check_model_type", "loading_problems"]

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import ModelOutput
@@ -193,6 +193,9 @@ class MoHModel(MoHPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise ValueError(f"past_key_values must be a transformers Cache (e.g. DynamicCache), got "
+                             f"{type(past_key_values).__name__}; tuple caches are not supported")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_length(past, T)
         positions = self._positions(position_ids, attention_mask, past, B, T, x.device)
@@ -253,6 +256,14 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def save_run_files(self, out_dir, data=None) -> list[str]:
+        """Called by the training engine at the end of a run: makes the run directory a
+        transformers model directory (config.json, generation_config.json, the training data's
+        tokenizer; ``moh.hf.run``)."""
+        from moh.hf.run import save_run_files
+
+        return save_run_files(self, out_dir, data)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

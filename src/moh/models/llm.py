@@ -47,8 +47,8 @@ _family("llm-demo", moh75=dict(num_shared_heads=2, top_k_heads=4), moh50=dict(nu
         **_DEMO)
 
 # the from-scratch English comparison (docs/results/llm.md): vocabulary of the 8k BPE trained by
-# `moh data tokenizer`, 256-token context
-_MINI = dict(vocab_size=8192, max_position_embeddings=256, hidden_size=128, num_hidden_layers=4,
+# `moh data tokenizer`, 128-token context
+_MINI = dict(vocab_size=8192, max_position_embeddings=128, hidden_size=128, num_hidden_layers=4,
              num_attention_heads=8, intermediate_size=352)
 _family("llm-mini", moh75=dict(num_shared_heads=2, top_k_heads=4), moh50=dict(num_shared_heads=2, top_k_heads=2),
         **_MINI)
