@@ -16,7 +16,8 @@ import sys
 import torch
 
 from moh.core.attention import set_backend
-from moh.eval.classify import eval_dataset, inference_seconds
+from moh.eval.classify import inference_seconds
+from moh.eval.data import eval_dataset
 from moh.train.engine import load_run
 
 

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from moh.analysis import collect_routing, write_pictures
-    from moh.eval.classify import eval_dataset
+    from moh.eval.data import eval_dataset
     from moh.train.engine import load_run
 
     from moh.train.rundir import check_writable_dir

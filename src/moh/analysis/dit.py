@@ -120,7 +120,7 @@ def plot_load_shift(rec_t: RoutingRecord, path: Path, title: str) -> Path:
 def run(args: argparse.Namespace, model: nn.Module, cfg) -> int:
     """``moh analyze`` of a DiT run (called by ``moh.analysis.cli.run``)."""
     from moh.analysis.plots import plot_head_load, write_pictures
-    from moh.eval.classify import eval_dataset
+    from moh.eval.data import eval_dataset
     from moh.eval.sample import class_names
 
     model.use_ema().eval()

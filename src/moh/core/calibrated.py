@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moh.core.routers import RawQueries, _scatter_topk
-from moh.core.routing import Routing
+from moh.core.routing import RawQueries, Routing, scatter_topk as _scatter_topk
 from moh.registry import ROUTERS
 
 

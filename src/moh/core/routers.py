@@ -10,28 +10,13 @@ Shape legend: B batch, T tokens, D model width, H heads, E routed heads, K top-k
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moh.core.routing import Routing
+from moh.core.routing import RawQueries, Routing, scatter_topk as _scatter_topk
 from moh.registry import ROUTERS
-
-RawQueries = Callable[[], Tensor]
-
-
-def _scatter_topk(values_BTK: Tensor, index_BTK: Tensor, num_shared: int, shared_BTS: Tensor, H: int):
-    """Assemble dense gates (B, T, H) and the active mask from shared gates and routed top-k."""
-    B, T, _ = values_BTK.shape
-    routed = values_BTK.new_zeros(B, T, H - num_shared).scatter(-1, index_BTK, values_BTK)
-    gates = torch.cat([shared_BTS, routed], dim=-1)
-    active = torch.zeros(B, T, H, dtype=torch.bool, device=values_BTK.device)
-    active[..., :num_shared] = True
-    active[..., num_shared:].scatter_(-1, index_BTK, True)
-    return gates, active
-
 
 @ROUTERS.register("all")
 class AllHeadsRouter(nn.Module):

@@ -5,7 +5,7 @@ Shape legend: B batch, T tokens, H heads, E routed heads (H - num_shared), K top
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -45,6 +45,21 @@ class Routing:
     def detach(self) -> "Routing":
         probs = None if self.probs_BTE is None else self.probs_BTE.detach()
         return Routing(self.gates_BTH.detach(), self.active_BTH, probs, self.num_shared, self.learned)
+
+
+RawQueries = Callable[[], Tensor]  # lazily the full query projection (B, T, H, hd), before qk-norm / RoPE
+
+
+def scatter_topk(values_BTK: Tensor, index_BTK: Tensor, num_shared: int, shared_BTS: Tensor, H: int):
+    """Dense gates (B, T, H) and the active mask from shared gates (B, T, num_shared) and the
+    routed top-k (values and indices among the routed heads, (B, T, K)): what routers return."""
+    B, T, _ = values_BTK.shape
+    routed = values_BTK.new_zeros(B, T, H - num_shared).scatter(-1, index_BTK, values_BTK)
+    gates = torch.cat([shared_BTS, routed], dim=-1)
+    active = torch.zeros(B, T, H, dtype=torch.bool, device=values_BTK.device)
+    active[..., :num_shared] = True
+    active[..., num_shared:].scatter_(-1, index_BTK, True)
+    return gates, active
 
 
 # a pytree node (tensors as leaves, the two constants as context): torch.export and
