@@ -52,6 +52,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: process CPU time (steadier on a shared machine, with --threads 1)")
+    p.add_argument("--cases", default="",
+                   help="comma-separated subset of the cases as kind:N:causal|bidir, e.g. forward:2048:causal,decode:4096:causal "
+                        "(default: all)")
     p.add_argument("--out", default="results/ab_commits.json")
     args = p.parse_args()
     if args.threads:
@@ -66,7 +69,10 @@ def main() -> int:
     print(f"old={args.old} new=working tree  backend={args.backend}  threads={torch.get_num_threads()}  "
           f"clock={args.clock}  load average {os.getloadavg()[0]:.2f}")
     print(f"{'case':28s} {'active':>6s} {'old ms':>9s} {'new ms':>9s} {'old/new':>8s}")
-    for kind, n, causal in CASES:
+    cases = CASES
+    if args.cases:
+        cases = [(k, int(n), c == "causal") for k, n, c in (spec.split(":") for spec in args.cases.split(","))]
+    for kind, n, causal in cases:
         for ratio in [int(r) / 100 for r in args.ratios.split(",")]:
             torch.manual_seed(0)
             x = torch.randn(1, 1 if kind == "decode" else n, 768, requires_grad=kind == "train")

@@ -79,20 +79,29 @@ class QueryProjection:
     def rows(self, heads: list[int], tokens_BPM: Tensor, positions_BPM: Tensor) -> Tensor:
         """Queries of head ``heads[p]`` for tokens ``tokens_BPM[b, p]`` (indices within item b)
         -> (B, P, M, hd), after qk-norm and RoPE at ``positions_BPM``."""
+        return self.rows_many([(heads, tokens_BPM, positions_BPM)])[0]
+
+    def rows_many(self, groups: list[tuple[list[int], Tensor, Tensor]]) -> list[Tensor]:
+        """``rows`` of several groups (heads, tokens_BPM, positions_BPM) at once: for a plain linear
+        one autograd node for all of them, so the backward accumulates one input gradient, not one
+        full-size gradient per group."""
         B, T, D = self.x.shape
         H, hd = self.num_heads, self.head_dim
-        P, M = tokens_BPM.shape[1:]
+        offset = (torch.arange(B, device=self.x.device) * T)[:, None, None]
         if self.has_raw or not self.sliceable:
-            head = torch.tensor(heads, device=tokens_BPM.device)[None, :, None]
-            flat = ((torch.arange(B, device=tokens_BPM.device)[:, None, None] * T + tokens_BPM) * H + head).view(-1)
-            q = self.raw().reshape(B * T * H, hd).index_select(0, flat).view(B, P, M, hd)
+            raw = self.raw().reshape(B * T * H, hd)
+            qs = []
+            for heads, tokens_BPM, _ in groups:
+                head = torch.tensor(heads, device=tokens_BPM.device)[None, :, None]
+                flat = ((offset + tokens_BPM) * H + head).view(-1)
+                qs.append(raw.index_select(0, flat).view(*tokens_BPM.shape, hd))
         else:
-            rows = tokens_BPM + (torch.arange(B, device=tokens_BPM.device) * T)[:, None, None]  # into B*T
-            w = self.proj.weight.view(H, hd, D)[heads]  # (P, hd, D)
-            q = gather_bmm(self.x.reshape(B * T, D), rows, w.transpose(1, 2))
+            qs = gather_matmuls(self.x.reshape(B * T, D), self.proj.weight.view(H, hd, D),
+                                [(heads, offset + tokens_BPM) for heads, tokens_BPM, _ in groups])
             if self.proj.bias is not None:
-                q = q + self.proj.bias.view(H, hd)[heads][:, None]
-        return self._norm_rope(q, positions_BPM)
+                bias = self.proj.bias.view(H, hd)
+                qs = [q + bias[heads][:, None] for q, (heads, _, _) in zip(qs, groups)]
+        return [self._norm_rope(q, positions_BPM) for q, (_, _, positions_BPM) in zip(qs, groups)]
 
     def _norm_rope(self, q: Tensor, positions: Tensor) -> Tensor:
         """qk-norm and RoPE of queries q (..., hd); ``positions`` broadcast to q's leading shape."""
@@ -105,11 +114,12 @@ class QueryProjection:
 
 
 class OutputProjection:
-    """sum_h (gated head output h) W_O^h + bias, for head outputs given whole or by rows.
+    """sum_h g_h * (head output h) W_O^h + bias, for head outputs given whole or by rows.
 
-    ``dense(heads_BTHd)``: all heads at once (zeros for unused ones). For pieces, ``start(B, T)``
-    returns an accumulator: ``add_heads`` (heads h0..h1-1 for every token), ``add_rows`` (chosen
-    rows of chosen heads), then ``finish()`` -> (B, T, D) with the bias added once."""
+    ``dense(heads_BTHd)``: all heads at once, already gated (zeros for unused ones). For pieces,
+    ``start(B, T)`` returns an accumulator: ``add_heads`` (heads h0..h1-1 for every token),
+    ``add_rows`` (chosen rows of chosen heads), each with its gates, then ``finish()`` -> (B, T, D)
+    with the bias added once."""
 
     def __init__(self, o_proj: nn.Module, num_heads: int, head_dim: int):
         self.proj, self.num_heads, self.head_dim = o_proj, num_heads, head_dim
@@ -123,38 +133,116 @@ class OutputProjection:
 
 
 class _SlicedSum:
-    """Plain linear W_O: each piece is projected with its heads' weight columns and summed into the
-    (n, D) output: no work for unused (row, head) pairs."""
+    """Plain linear W_O: every piece is gated and projected with its heads' weight columns into
+    the (n, D) output, all pieces in one autograd node (``_GatedOutput``): no work for unused
+    (row, head) pairs, no gated or projected copy of a piece kept for backward."""
 
     def __init__(self, op: OutputProjection, B: int, T: int):
         self.op, self.B, self.T = op, B, T
-        self.out: Optional[Tensor] = None  # (B, T, D), made by the first piece (its dtype: autocast's)
+        self.pieces: list[tuple] = []  # ("heads", h0, h1) or ("rows", heads) with their tensors
+        self.tensors: list[Tensor] = []
 
-    def add_heads(self, h0: int, h1: int, y_BTPd: Tensor) -> None:
-        hd = self.op.head_dim
-        y = y_BTPd.reshape(self.B, self.T, -1) @ self.op.proj.weight[:, h0 * hd : h1 * hd].T
-        self.out = y if self.out is None else self.out + y.to(self.out.dtype)
+    def add_heads(self, h0: int, h1: int, y_BTPd: Tensor, gates_BTP: Tensor) -> None:
+        self.pieces.append(("heads", h0, h1))
+        self.tensors += [y_BTPd, gates_BTP]
 
-    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor) -> None:
-        """rows_BPM: indices into the n = B*T flattened rows; y (B, P, M, hd)."""
-        w = self.op.proj.weight
-        D = w.shape[0]
-        # (P, hd, D), made contiguous (a small copy): bmm on the permuted view is many times slower
-        w_out = w.view(D, self.op.num_heads, self.op.head_dim)[:, heads].permute(1, 2, 0).contiguous()
-        y = (y_BPMd @ w_out).reshape(-1, D)
-        if self.out is None:
-            self.out = y.new_zeros(self.B, self.T, D)
-        self.out = self.out.view(-1, D).index_add_(0, rows_BPM.reshape(-1), y.to(self.out.dtype)).view(self.B, self.T, D)
+    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor, gates_BPM: Tensor) -> None:
+        """rows_BPM: indices into the n = B*T flattened rows; y (B, P, M, hd), gates (B, P, M)."""
+        self.pieces.append(("rows", heads))
+        self.tensors += [y_BPMd, gates_BPM, rows_BPM]
 
     def finish(self) -> Tensor:
         w, b = self.op.proj.weight, self.op.proj.bias
-        out = w.new_zeros(self.B, self.T, w.shape[0]) if self.out is None else self.out
+        if not self.pieces:
+            out = w.new_zeros(self.B, self.T, w.shape[0])
+        else:
+            device = w.device.type
+            autocast = torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if autocast else w.dtype
+            tensors = [t if t.dtype in (torch.int64, torch.int32) else t.to(dtype) for t in self.tensors]
+            meta = (self.B, self.T, self.op.head_dim, self.pieces)
+            if autocast:  # one dtype in forward and backward, as autocast gives a matmul
+                with torch.autocast(device, enabled=False):
+                    out = _GatedOutput.apply(w.to(dtype), meta, *tensors)
+            else:
+                out = _GatedOutput.apply(w, meta, *tensors)
         return out if b is None else out + b
 
 
+class _GatedOutput(torch.autograd.Function):
+    """out (n, D) = sum over pieces of (y * gate) @ W_O[:, heads].T, rows pieces scattered back with
+    ``index_add_``. Saves the pieces as given (head outputs, gates, row indices) and the weight; the
+    backward gathers the output gradient of each piece's rows again."""
+
+    @staticmethod
+    def forward(ctx, w_DE: Tensor, meta: tuple, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        B, T, hd, pieces = meta
+        D = w_DE.shape[0]
+        out: Optional[Tensor] = None
+        buf: Optional[Tensor] = None
+        it = iter(tensors)
+        for piece in pieces:
+            if piece[0] == "heads":
+                _, h0, h1 = piece
+                y, g = next(it), next(it)
+                yg = (y * g.unsqueeze(-1)).reshape(B * T, -1)
+                w = w_DE[:, h0 * hd : h1 * hd].t()
+                out = yg @ w if out is None else out.addmm_(yg, w)
+            else:
+                heads = piece[1]
+                y, g, rows = next(it), next(it), next(it)
+                if out is None:
+                    out = y.new_zeros(B * T, D)
+                if buf is None or buf.shape[0] < rows.shape[0] * rows.shape[2]:
+                    buf = y.new_empty(rows.shape[0] * rows.shape[2], D)  # reused: see _head_rows
+                for p, h in enumerate(heads):
+                    yg = (y[:, p] * g[:, p].unsqueeze(-1)).reshape(-1, hd)  # (B*M, hd)
+                    part = torch.mm(yg, w_DE[:, h * hd : (h + 1) * hd].t(), out=buf[: yg.shape[0]])
+                    out.index_add_(0, rows[:, p].reshape(-1), part)
+        ctx.meta = meta
+        ctx.save_for_backward(w_DE, *tensors)
+        return out.view(B, T, D)
+
+    @staticmethod
+    def backward(ctx, dout_BTD: Tensor):  # type: ignore[override]
+        B, T, hd, pieces = ctx.meta
+        w_DE, *tensors = ctx.saved_tensors
+        dout = dout_BTD.reshape(B * T, -1).to(w_DE.dtype)
+        dw = torch.zeros_like(w_DE) if ctx.needs_input_grad[0] else None
+        grads: list[Optional[Tensor]] = []
+        buf: Optional[Tensor] = None
+        it = iter(tensors)
+        for piece in pieces:
+            if piece[0] == "heads":
+                _, h0, h1 = piece
+                y, g = next(it), next(it)
+                w = w_DE[:, h0 * hd : h1 * hd]  # (D, P*hd)
+                dyg = (dout @ w).view(y.shape)  # (B, T, P, hd)
+                if dw is not None:
+                    dw[:, h0 * hd : h1 * hd] += dout.t() @ (y * g.unsqueeze(-1)).reshape(B * T, -1)
+                grads += [dyg * g.unsqueeze(-1), (dyg * y).sum(-1)]
+            else:
+                heads = piece[1]
+                y, g, rows = next(it), next(it), next(it)
+                dy, dg = torch.empty_like(y), torch.empty_like(g)
+                if buf is None or buf.shape[0] < rows.shape[0] * rows.shape[2]:
+                    buf = dout.new_empty(rows.shape[0] * rows.shape[2], dout.shape[1])
+                for p, h in enumerate(heads):
+                    w = w_DE[:, h * hd : (h + 1) * hd]  # (D, hd)
+                    idx = rows[:, p].reshape(-1)
+                    d_rows = torch.index_select(dout, 0, idx, out=buf[: idx.numel()])  # (B*M, D)
+                    dyg = (d_rows @ w).view(y[:, p].shape)  # (B, M, hd)
+                    if dw is not None:
+                        dw[:, h * hd : (h + 1) * hd] += d_rows.t() @ (y[:, p] * g[:, p].unsqueeze(-1)).reshape(-1, hd)
+                    dy[:, p] = dyg * g[:, p].unsqueeze(-1)
+                    dg[:, p] = (dyg * y[:, p]).sum(-1)
+                grads += [dy, dg, None]
+        return (dw, None, *grads)
+
+
 class _DenseHeads:
-    """Any other W_O module: pieces are written into dense (B, T, H, hd) head outputs, zeros for
-    unused pairs, and the module runs once on them."""
+    """Any other W_O module: gated pieces are written into dense (B, T, H, hd) head outputs, zeros
+    for unused pairs, and the module runs once on them."""
 
     def __init__(self, op: OutputProjection, B: int, T: int):
         self.op, self.B, self.T = op, B, T
@@ -165,18 +253,20 @@ class _DenseHeads:
             self.heads = like.new_zeros(self.B * self.T, self.op.num_heads, self.op.head_dim)
         return self.heads
 
-    def add_heads(self, h0: int, h1: int, y_BTPd: Tensor) -> None:
-        buf = self._buffer(y_BTPd)
+    def add_heads(self, h0: int, h1: int, y_BTPd: Tensor, gates_BTP: Tensor) -> None:
+        y = y_BTPd * gates_BTP.unsqueeze(-1).to(y_BTPd.dtype)
+        buf = self._buffer(y)
         piece = torch.zeros_like(buf)
-        piece[:, h0:h1] = y_BTPd.reshape(-1, h1 - h0, self.op.head_dim).to(buf.dtype)
+        piece[:, h0:h1] = y.reshape(-1, h1 - h0, self.op.head_dim).to(buf.dtype)
         self.heads = buf + piece
 
-    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor) -> None:
-        buf = self._buffer(y_BPMd)
+    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor, gates_BPM: Tensor) -> None:
+        y = y_BPMd * gates_BPM.unsqueeze(-1).to(y_BPMd.dtype)
+        buf = self._buffer(y)
         H, hd = self.op.num_heads, self.op.head_dim
         head = torch.tensor(heads, device=rows_BPM.device)[None, :, None]
         flat = (rows_BPM * H + head).reshape(-1)  # into (n * H) (row, head) pairs
-        self.heads = buf.view(-1, hd).index_add(0, flat, y_BPMd.reshape(-1, hd).to(buf.dtype)).view_as(buf)
+        self.heads = buf.view(-1, hd).index_add(0, flat, y.reshape(-1, hd).to(buf.dtype)).view_as(buf)
 
     def finish(self) -> Tensor:
         if self.heads is None:
@@ -193,43 +283,70 @@ _Accumulator = _SlicedSum | _DenseHeads
 # gathered rows times a weight per head, without keeping the gathered rows for backward
 
 
-class _GatherBmm(torch.autograd.Function):
-    """Autograd through ``index_select`` + ``bmm`` would save the gathered rows (a copy of the
-    input row for every head that uses it: at 50% heads, N=2048, D=768 about 25 MB per layer) for
-    the weight gradient. Here the backward gathers them again from the input, which autograd keeps
-    anyway."""
+class _GatherMatmuls(torch.autograd.Function):
+    """Autograd through ``index_select`` + matmul would save the gathered rows (a copy of the input
+    row for every head that uses it: at 50% heads, N=2048, D=768 about 25 MB per layer) for the
+    weight gradient, and give every group its own full-size input gradient. Here the backward
+    gathers the rows again from the input, which autograd keeps anyway, and accumulates one input
+    gradient for all groups."""
 
     @staticmethod
-    def forward(ctx, x_nD: Tensor, rows_BPM: Tensor, w_PDo: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x_nD, rows_BPM, w_PDo)
-        return _gather(x_nD, rows_BPM) @ w_PDo
+    def forward(ctx, x_nD: Tensor, w_HoD: Tensor, heads: list[list[int]], *rows: Tensor):  # type: ignore[override]
+        ctx.heads = heads
+        ctx.save_for_backward(x_nD, w_HoD, *rows)
+        buf = _row_buffer(x_nD, rows, x_nD.shape[1])
+        return tuple(_head_rows(x_nD, w_HoD, hs, r, buf) for hs, r in zip(heads, rows))
 
     @staticmethod
-    def backward(ctx, dy_BPMo: Tensor):  # type: ignore[override]
-        x_nD, rows_BPM, w_PDo = ctx.saved_tensors
-        dy_BPMo = dy_BPMo.to(w_PDo.dtype)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx_rows = (dy_BPMo @ w_PDo.transpose(1, 2)).reshape(-1, x_nD.shape[1])
-            dx = torch.zeros_like(x_nD).index_add_(0, rows_BPM.reshape(-1), dx_rows.to(x_nD.dtype))
-        if ctx.needs_input_grad[2]:
-            dw = (_gather(x_nD, rows_BPM).transpose(-1, -2) @ dy_BPMo).sum(0)  # rows gathered again
-        return dx, None, dw
+    def backward(ctx, *dq: Tensor):  # type: ignore[override]
+        x_nD, w_HoD, *rows = ctx.saved_tensors
+        dx = torch.zeros_like(x_nD) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(w_HoD) if ctx.needs_input_grad[1] else None
+        buf = _row_buffer(x_nD, rows, x_nD.shape[1])
+        for hs, r, dq_BPMo in zip(ctx.heads, rows, dq):
+            if dq_BPMo is None:
+                continue
+            dq_BPMo = dq_BPMo.to(w_HoD.dtype)
+            for p, h in enumerate(hs):
+                idx = r[:, p].reshape(-1)
+                d = dq_BPMo[:, p].reshape(-1, w_HoD.shape[1])  # (B*M, o)
+                if dx is not None:
+                    dx.index_add_(0, idx, torch.mm(d, w_HoD[h], out=buf[: idx.numel()]).to(dx.dtype))
+                if dw is not None:  # the rows gathered again
+                    dw[h] += d.t() @ torch.index_select(x_nD, 0, idx, out=buf[: idx.numel()]).to(dw.dtype)
+        return (dx, dw, None, *(None for _ in rows))
 
 
-def _gather(x_nD: Tensor, rows_BPM: Tensor) -> Tensor:
-    """(n, D) rows at (B, P, M) indices -> (B, P, M, D)."""
-    return x_nD.index_select(0, rows_BPM.reshape(-1)).view(*rows_BPM.shape, x_nD.shape[1])
+def _head_rows(x_nD: Tensor, w_HoD: Tensor, heads: list[int], rows_BPM: Tensor, buf: Tensor) -> Tensor:
+    """(B, P, M, o): x_nD[rows_BPM[b, p, m]] @ w_HoD[heads[p]].T, one matmul per head with the
+    weight's own rows (a transposed view, no copy); the gathered rows go to ``buf`` (reused: a
+    fresh multi-MB tensor per head costs its page faults, 0.17 of 0.42 ms for 850 x 768 floats)."""
+    B, P, M = rows_BPM.shape
+    out = x_nD.new_empty(B, P, M, w_HoD.shape[1])
+    for p, h in enumerate(heads):
+        rows = torch.index_select(x_nD, 0, rows_BPM[:, p].reshape(-1), out=buf[: B * M])
+        out[:, p] = (rows @ w_HoD[h].t()).view(B, M, -1)
+    return out
 
 
-def gather_bmm(x_nD: Tensor, rows_BPM: Tensor, w_PDo: Tensor) -> Tensor:
-    """``x_nD[rows_BPM[b, p, m]] @ w_PDo[p]``: x (n, D), rows (B, P, M) indices into n,
-    w (P, D, o) -> (B, P, M, o). Same values and gradients as ``index_select`` then ``@``.
+def _row_buffer(like: Tensor, rows: list[Tensor], width: int) -> Tensor:
+    """Scratch for the largest (B*M, width) block of rows any one head of ``rows`` gathers."""
+    return like.new_empty(max(r.shape[0] * r.shape[2] for r in rows), width)
+
+
+def gather_matmuls(x_nD: Tensor, w_HoD: Tensor, groups: list[tuple[list[int], Tensor]]) -> list[Tensor]:
+    """For each group (heads, rows_BPM): ``x_nD[rows_BPM[b, p, m]] @ w_HoD[heads[p]].T`` ->
+    (B, P, M, o); x (n, D), rows indices into n, w (H, o, D) (a linear layer's weight per head).
+    Same values and gradients as ``index_select`` then ``@``, one autograd node for all groups.
     Under autocast both operands are cast to the autocast dtype first (as autocast does for a
     matmul), so forward and backward agree on one dtype."""
+    if not groups:
+        return []
+    heads = [list(hs) for hs, _ in groups]
+    rows = [r for _, r in groups]
     device = x_nD.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return _GatherBmm.apply(x_nD.to(dtype), rows_BPM, w_PDo.to(dtype))
-    return _GatherBmm.apply(x_nD, rows_BPM, w_PDo)
+            return list(_GatherMatmuls.apply(x_nD.to(dtype), w_HoD.to(dtype), heads, *rows))
+    return list(_GatherMatmuls.apply(x_nD, w_HoD, heads, *rows))

@@ -26,6 +26,13 @@ class HeadRows:
     flat_BPM: Tensor  # index into the B*T flattened rows
     positions_BPM: Tensor  # RoPE positions of the rows
 
+    def narrow(self, p0: int, P: int, M: int) -> "HeadRows":
+        """Heads p0..p0+P-1 with their first M rows (views): M at least their largest count."""
+        def cut(t: Tensor) -> Tensor:
+            return t[:, p0 : p0 + P, :M]
+        return HeadRows(self.heads[p0 : p0 + P], cut(self.tokens_BPM), cut(self.valid_BPM), cut(self.flat_BPM),
+                        cut(self.positions_BPM))
+
     def key_index(self, q_offset: int) -> Tensor:
         """(B, P, M) key index of every row (its causal horizon)."""
         return self.tokens_BPM + q_offset

@@ -18,7 +18,10 @@ class SparseTuning:
     row_block: int = 128
     # partial heads are processed a few at a time so their gathered rows (B, P, M, D) stay near
     # this size: measured faster than one large batch (75% heads, N=2048, D=768: 284 vs 322 ms),
-    # large temporaries being slow to allocate and falling out of cache
+    # large temporaries being slow to allocate and falling out of cache. On CPU one head at a time
+    # (1 byte: every chunk is one head): no padding to the largest head's count, and the flash
+    # backward of causal rows shares no row blocks between heads (50% heads, N=2048, 1 thread,
+    # training step 610-632 vs 618-645 ms for chunks of 3, forward within noise)
     chunk_bytes: int = 8 << 20
     # fraction of rows from which a head is computed for all rows instead of gathered: a gathered
     # (row, head) costs more than one of a head computed whole (gather, 64-wide projections, and
@@ -29,8 +32,11 @@ class SparseTuning:
     # lost at every head ratio for a tiny ViT (17 keys, D=128: 1139 vs 1757 images/s at 50%) and
     # won at 512 keys for D=768 (1 thread; at 2 threads about even)
     gather_min_keys_per_width: float = 0.5
-    # rows per block of the CPU flash-kernel causal path (32-256 measured: 64 best fwd+bwd)
+    # rows per block of the backward of the CPU flash-kernel causal path (32-256 measured: 64 best)
     flash_block: int = 64
+    # key positions per grid block of its forward (one head x 850 rows at N=2048, 1 thread: 64 / 128
+    # / 256 -> 6.7 / 6.4 / 6.7 ms; the row blocks of the backward, 64 rows: 7.3-7.6 ms)
+    flash_grid: int = 128
     # query rows per head up to which two matmuls replace SDPA (decode steps: CPU SDPA on one row
     # of a few heads is ~2x slower, 1.7 vs 0.8 ms for 6 heads over a 4k cache)
     few_rows: int = 4
@@ -47,12 +53,12 @@ class SparseTuning:
     triton_tuning: Optional[Any] = None
 
     def __post_init__(self) -> None:
-        for name in ("row_block", "chunk_bytes", "flash_block", "few_rows"):
+        for name in ("row_block", "chunk_bytes", "flash_block", "flash_grid", "few_rows"):
             if getattr(self, name) < (0 if name == "few_rows" else 1):
                 raise ValueError(f"SparseTuning.{name}={getattr(self, name)} must be positive")
 
 
-CPU = SparseTuning()
+CPU = SparseTuning(chunk_bytes=1)
 # Not tuned on a GPU yet (no device measured): the portable kernels, with the CPU-only fused
 # flash path and the boolean-mask assumption off; the GPU kernels set their own values here.
 CUDA = SparseTuning(cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
