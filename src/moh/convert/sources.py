@@ -5,7 +5,10 @@
 * a ``.gguf`` file (or a directory holding exactly one, or ``gguf_file=`` inside a directory):
   transformers' GGUF reader dequantises it to float32 (needs the ``gguf`` package);
 * a hub id (``org/name``): downloaded by transformers when online; with ``HF_HUB_OFFLINE`` set, or
-  when the download fails, a ValueError that says so.
+  when the download fails, a ValueError that says so;
+* a finished ``moh train`` run directory of a moh language model (LoRA adapters merged): stage 1
+  of the paper's recipe (plain continued pretraining) converted for stage 2, or a tuned MoH model
+  written out as a plain model directory (``router="keep"``).
 
 The family is checked from the configuration before any weight is read.
 """
@@ -54,6 +57,8 @@ def resolve(src: str, gguf_file: Optional[str] = None) -> tuple[str, str, dict]:
                              f"or a hub id")
         return "gguf", str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
+        if (path / "config.yaml").is_file() and (path / "final.json").is_file():
+            return "run", str(path), {}
         if (path / "config.json").is_file():
             return "dir", str(path), {}
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -93,6 +98,8 @@ def load_source(src: str, *, gguf_file: Optional[str] = None, dtype: torch.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where, kwargs = resolve(src, gguf_file)
+    if kind == "run":
+        return _load_run(where, dtype)
     config = load_config(kind, where, kwargs)
     family = family_of(config)  # refuses unsupported architectures before reading weights
     log.info("reading %s %s (%s, family %s)%s", kind, where, config.model_type, family.name,
@@ -113,6 +120,31 @@ def load_source(src: str, *, gguf_file: Optional[str] = None, dtype: torch.dtype
             "dtype": str(source_dtype).replace("torch.", "") if source_dtype is not None else None,
             "parameters": sum(p.numel() for p in model.parameters())}
     return Source(model, tokenizer, family, info)
+
+
+def _load_run(where: str, dtype: torch.dtype) -> Source:
+    """A finished ``moh train`` run of a moh language model (LoRA adapters merged)."""
+    from transformers import AutoTokenizer
+
+    from moh.convert.families import FAMILIES
+    from moh.models.factory import HF_PREFIX
+    from moh.train.engine import load_run
+    from moh.train.finetune import merged
+
+    model, cfg = load_run(where)
+    model = merged(model).to(dtype).eval()
+    if getattr(getattr(model, "config", None), "model_type", None) != "moh":
+        raise ValueError(f"run {where!r} trained {cfg.model.name!r}, not a moh language model: nothing to convert")
+    tokenizer = None
+    if cfg.model.name.startswith(HF_PREFIX):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name[len(HF_PREFIX):])
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+    info = {"kind": "run", "path": str(Path(where).resolve()), "model": cfg.model.name, "lora_merged": bool(cfg.model.lora),
+            "model_type": "moh", "architecture": type(model).__name__, "family": "moh", "dtype": None,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    return Source(model, tokenizer, FAMILIES["moh"], info)
 
 
 __all__ = ["Source", "load_source", "resolve"]
