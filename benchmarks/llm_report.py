@@ -1,5 +1,8 @@
 """Summary of the from-scratch comparison (benchmarks/llm_scratch.sh): validation loss per model
 (mean +- std over seeds), the gaps to MHA against the goals, loss curves, sample generations.
+The validation loss is the one over the whole validation split that ``moh eval RUN_DIR --out
+RUN_DIR/eval_validation_full.json`` wrote (the training run's last evaluation covers only
+``train.eval_batches`` batches); without that file, final.json's.
 
     python benchmarks/llm_report.py runs/lm [--png docs/llm/loss_curves.png] [--json results/llm_scratch.json]
         [--prompts "The king,In the city"] [--new-tokens 40]
@@ -25,24 +28,29 @@ def collect(root: Path) -> dict:
     for key, _ in VARIANTS:
         for run in sorted(root.glob(f"llm-mini-{key}-s*")):
             if (run / "final.json").is_file():
+                full = run / "eval_validation_full.json"
+                final = json.loads((run / "final.json").read_text())
+                val = json.loads(full.read_text()) if full.is_file() else final
                 out.setdefault(key, []).append({
-                    "dir": str(run), "seed": int(run.name.rsplit("-s", 1)[1]),
-                    "final": json.loads((run / "final.json").read_text()),
+                    "dir": str(run), "seed": int(run.name.rsplit("-s", 1)[1]), "final": final,
+                    "val_loss": val["loss"], "val_tokens": val.get("sequences", val.get("n")),
+                    "val_source": full.name if full.is_file() else "final.json",
                     "train": read_jsonl(run / "metrics.jsonl"), "eval": read_jsonl(run / "eval.jsonl")})
     return out
 
 
 def table(runs: dict) -> tuple[list[dict], str]:
     rows = []
-    base = statistics.mean(r["final"]["loss"] for r in runs["mha"]) if "mha" in runs else None
+    base = statistics.mean(r["val_loss"] for r in runs["mha"]) if "mha" in runs else None
     for key, label in VARIANTS:
         if key not in runs:
             continue
-        losses = [r["final"]["loss"] for r in runs[key]]
+        losses = [r["val_loss"] for r in runs[key]]
         mean = statistics.mean(losses)
         row = {"variant": key, "label": label, "seeds": [r["seed"] for r in runs[key]], "val_loss": losses,
                "mean": mean, "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-               "heads_active": runs[key][0]["final"]["heads_active"],
+               "heads_active": runs[key][0]["final"]["heads_active"], "val_sequences": runs[key][0]["val_tokens"],
+               "val_source": runs[key][0]["val_source"],
                "train_time_s": statistics.mean(r["final"]["train_time_s"] for r in runs[key])}
         if base is not None:
             row["gap"] = mean - base
@@ -74,9 +82,11 @@ def plot(runs: dict, path: Path) -> None:
                       label=f"{label} seed {run['seed']}")
             ax_t.plot([r["step"] for r in run["train"]], [r["task_loss"] for r in run["train"]], **kw)
             ax_e.plot([r["step"] for r in run["eval"]], [r["loss"] for r in run["eval"]], marker="o", ms=3, **kw)
+            last = run["train"][-1]["step"]
+            ax_e.plot([last + 8 * (i + 1)], [run["val_loss"]], marker="*", ms=9, color=colors[key], ls="none")
     ax_t.set(xlabel="step", ylabel="training cross-entropy (nats / token)", title="training loss (task term)")
     ax_e.set(xlabel="step", ylabel="validation cross-entropy (nats / token)",
-             title="validation loss (last point: whole split)")
+             title="validation loss (lines: 8 batches; stars: whole split)")
     for ax in (ax_t, ax_e):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

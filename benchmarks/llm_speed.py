@@ -5,10 +5,10 @@
 
 * prefill: one forward of ``--prefill`` tokens (batch 1) that keeps the logits of the last position
   only (``logits_to_keep=1``), building the ``DynamicCache`` as generation does; median seconds.
-* decode: ``generate()`` (greedy, transformers' ``DynamicCache``) of ``--new-tokens`` tokens after a
-  prompt that fills the context to ``--prefill`` tokens; tokens/s from the time between
-  consecutive generation steps (a logits processor stamps each step), so the prompt's prefill is
-  not counted.
+* decode: ``generate()`` (greedy) of ``--new-tokens`` tokens continuing from that prefill's
+  ``DynamicCache`` (so every step attends to at least ``--prefill`` cached positions); tokens/s
+  from the time between consecutive steps (a logits processor stamps each one). The models'
+  context is raised to prefill + new tokens for this (random weights: only the limit changes).
 
 Models are timed in turn within every repetition (the same machine load for all), the first
 repetition is a warm-up. Beside each measured ratio to the first model the script prints the
@@ -65,23 +65,27 @@ class StepClock:
         return scores
 
 
-def prefill_seconds(model, ids: torch.Tensor) -> float:
+def prefill(model, ids: torch.Tensor):
+    """(seconds, cache, next token) of one forward over ``ids`` keeping the last logits only."""
     from transformers import DynamicCache
 
+    cache = DynamicCache(config=model.config)
     t = time.perf_counter()
-    model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - t
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - t, cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def decode_tokens_per_s(model, ids: torch.Tensor, cache, token: torch.Tensor, new_tokens: int) -> float:
+    """generate() continuing from ``cache`` (which holds ``ids``) with ``token`` next."""
     from transformers import LogitsProcessorList
 
     clock = StepClock()
-    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+    full = torch.cat([ids, token], 1)
+    model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
                    logits_processor=LogitsProcessorList([clock]))
     steps = clock.stamps
-    return (len(steps) - 1) / (steps[-1] - steps[0])  # the first stamp ends the prompt's prefill
+    return (len(steps) - 1) / (steps[-1] - steps[0])
 
 
 def main(argv=None) -> int:
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.prefill, args.new_tokens, args.reps = 512, 8, 1
         overrides.update(depth=2, vocab_size=4096)
+    overrides["max_position_embeddings"] = args.prefill + args.new_tokens + 1
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     models = {}
@@ -110,13 +115,13 @@ def main(argv=None) -> int:
         models[name] = create_model(name, **overrides).eval()
     V = min(m.config.vocab_size for m in models.values())
     ids = torch.randint(0, V, (1, args.prefill), generator=torch.Generator().manual_seed(0))
-    prompt = ids[:, : args.prefill - args.new_tokens]
     times: dict[str, dict[str, list[float]]] = {n: {"prefill_s": [], "decode_tok_s": []} for n in names}
     with torch.inference_mode():
         for rep in range(args.reps + 1):
             for name, model in models.items():
-                pre = prefill_seconds(model, ids)
-                dec = decode_tokens_per_s(model, prompt, args.new_tokens)
+                pre, cache, token = prefill(model, ids)
+                dec = decode_tokens_per_s(model, ids, cache, token, args.new_tokens)
+                del cache
                 if rep:
                     times[name]["prefill_s"].append(pre)
                     times[name]["decode_tok_s"].append(dec)

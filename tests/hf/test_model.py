@@ -130,3 +130,15 @@ def test_context_and_unsupported_requests_are_value_errors(model):
         model(IDS, labels=IDS, logits_to_keep=1)
     out = model(IDS, logits_to_keep=1, output_hidden_states=True)
     assert out.logits.shape == (2, 1, 61) and len(out.hidden_states) == 3
+
+
+def test_per_layer_head_splits_build_run_and_reload(tmp_path):
+    cfg = tiny_config(head_dim=8, layer_heads=[[1, 1], [6, 2, 2]])  # layer 1: 6 heads, 2 shared + top-2 of 4
+    model = MoHForCausalLM(cfg).eval()
+    assert model.model.layers[1].attn.q_proj.weight.shape == (48, 32) and cfg.active_fraction == pytest.approx(0.6)
+    out = model(IDS)
+    assert [r.active_BTH.float().mean().item() for r in out.routings] == [0.5, pytest.approx(4 / 6)]
+    model.save_pretrained(tmp_path)
+    again = MoHForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.layer_heads == [[1, 1], [6, 2, 2]]
+    torch.testing.assert_close(again(IDS).logits, out.logits, atol=0, rtol=0)

@@ -122,10 +122,9 @@ def check_recorded_sha256(model_dir: Path) -> None:
 def load_model_dir(model_dir: str | Path, *, tokenizer: bool = True, **kwargs: Any):
     """(model, tokenizer or None) of a moh model or run directory, every file checked before the
     model is built (``read_model_config``, the tokenizer files, the weights' sha256 a run
-    recorded); loading is strict (``MoHForCausalLM.from_pretrained``). ``kwargs`` go to it."""
-    from transformers import AutoTokenizer
-
-    from moh.hf.modeling import MoHForCausalLM
+    recorded); loading is strict (``MoHForCausalLM.from_pretrained``, through the Auto class
+    moh.hf registers: this module does not import the modeling one). ``kwargs`` go to it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = Path(model_dir)
     read_model_config(d)
@@ -133,7 +132,7 @@ def load_model_dir(model_dir: str | Path, *, tokenizer: bool = True, **kwargs: A
         raise ValueError(f"{str(d)!r} has no tokenizer (tokenizer_config.json): runs trained on the text data set "
                          f"save theirs; for another model directory save one with tokenizer.save_pretrained")
     check_recorded_sha256(d)
-    model = MoHForCausalLM.from_pretrained(str(d), **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(d), **kwargs).eval()  # MoHForCausalLM's strict loading
     return model, (AutoTokenizer.from_pretrained(str(d)) if tokenizer else None)
 
 
