@@ -1,10 +1,12 @@
 """generate() and transformers' caches with the sparse backend: incremental decoding equals the
 full forward, left-padded batches equal single prompts, beam search scores what the full forward
 scores, sampling is seeded."""
+import pytest
 import torch
 from transformers import DynamicCache
 
 from moh.core.attention import set_backend
+from moh.hf.compat import CACHE_NAME, output_cache
 
 PROMPT = torch.randint(3, 61, (1, 7), generator=torch.Generator().manual_seed(1))
 
@@ -18,9 +20,24 @@ def test_incremental_decoding_equals_the_full_forward(model):
         steps = [model(ids[:, :7], past_key_values=cache, use_cache=True).logits]
         for t in range(7, 13):
             out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            assert out.past_key_values is cache and cache.get_seq_length() == t + 1
+            assert output_cache(out) is cache and cache.get_seq_length() == t + 1
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cache_goes_by_either_name(model):
+    """transformers 5.24 renamed past_key_values to cache: both names feed the same cache."""
+    ids = torch.randint(0, 61, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = []
+        for name in ("cache", "past_key_values"):
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :4], use_cache=True, **{name: cache})
+            assert cache.get_seq_length() == 4
+            logits.append(model(ids[:, 4:], use_cache=True, **{name: cache}).logits)
+        torch.testing.assert_close(logits[0], logits[1])
+        with pytest.raises(ValueError, match="not both"):
+            model(ids, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
 
 
 def test_left_padded_batch_generates_what_each_prompt_does_alone(model):
@@ -42,7 +59,7 @@ def test_beam_search_scores_what_the_full_forward_scores(model):
         out = model.generate(PROMPT, num_beams=3, num_return_sequences=3, max_new_tokens=5, do_sample=False,
                              length_penalty=0.0, early_stopping=True, pad_token_id=0, return_dict_in_generate=True,
                              output_scores=True)
-        assert isinstance(out.past_key_values, DynamicCache)
+        assert isinstance(getattr(out, CACHE_NAME), DynamicCache)
         logp = model(out.sequences).logits.log_softmax(-1)
     new = out.sequences[:, 7:]
     want = logp[:, 6:-1].gather(-1, new[..., None]).squeeze(-1).sum(-1)

@@ -46,7 +46,7 @@ class MoHLMConfig(PreTrainedConfig):
     attention; every attention layer a ``moh.MoHAttention``). See the module docstring."""
 
     model_type = "moh"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     attribute_map: ClassVar[dict[str, str]] = {
         "dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
         "num_kv_heads": "num_key_value_heads", "mlp_hidden": "intermediate_size",

@@ -33,6 +33,7 @@ from moh.config import MoHConfig
 from moh.core.attention import MoHAttention
 from moh.core.routing import Routing
 from moh.hf.cache import LayerCache
+from moh.hf.compat import CACHE_NAME, output_cache, pick_cache
 from moh.hf.configuration import MoHLMConfig
 from moh.layers.block import Block
 from moh.layers.mlp import SwiGLU
@@ -50,7 +51,10 @@ class MoHModelOutput(ModelOutput):
     normed), when asked; routings: one ``Routing`` per layer; token_mask (B, T): real tokens."""
 
     last_hidden_state: Optional[Tensor] = None
-    past_key_values: Optional[Any] = None
+    if CACHE_NAME == "cache":  # transformers >= 5.24 (moh.hf.compat)
+        cache: Optional[Any] = None
+    else:
+        past_key_values: Optional[Any] = None
     hidden_states: Optional[tuple[Tensor, ...]] = None
     attentions: Optional[tuple[Tensor, ...]] = None
     routings: Optional[list[Routing]] = None
@@ -73,7 +77,10 @@ class MoHCausalLMOutput(ModelOutput):
     loss: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
     logits: Optional[Tensor] = None
-    past_key_values: Optional[Any] = None
+    if CACHE_NAME == "cache":  # transformers >= 5.24 (moh.hf.compat)
+        cache: Optional[Any] = None
+    else:
+        past_key_values: Optional[Any] = None
     hidden_states: Optional[tuple[Tensor, ...]] = None
     attentions: Optional[tuple[Tensor, ...]] = None
     router_logits: Optional[tuple[Optional[Tensor], ...]] = None
@@ -110,7 +117,7 @@ class MoHPreTrainedModel(PreTrainedModel):
     config_class = MoHLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     supports_gradient_checkpointing = False
     _supports_sdpa = False
     _supports_flash_attn = False
@@ -171,18 +178,21 @@ class MoHModel(MoHPreTrainedModel):
         input_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
-        past_key_values: Optional[Any] = None,
+        cache: Optional[Any] = None,
         inputs_embeds: Optional[Tensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
+        past_key_values: Optional[Any] = None,
         **kwargs: Any,
     ) -> MoHModelOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D). attention_mask (B, S): 1 for real tokens,
         0 for padding (S = cached + new positions; left padding for batched prompts).
         position_ids (B, T): RoPE positions (default: real tokens counted from 0, so a left-padded
-        prompt gets the positions of the unpadded one). past_key_values: a transformers ``Cache``;
-        with use_cache and none given a ``DynamicCache`` is made (not while training)."""
+        prompt gets the positions of the unpadded one). cache (or its pre-5.24 name
+        past_key_values): a transformers ``Cache``; with use_cache and none given a
+        ``DynamicCache`` is made (not while training)."""
+        past_key_values = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if output_attentions:
@@ -203,8 +213,8 @@ class MoHModel(MoHPreTrainedModel):
         hidden = [x] if output_hidden_states else None
         routings = []
         for i, block in enumerate(self.layers):
-            cache = LayerCache(past_key_values, i) if past_key_values is not None else None
-            x, routing = block(x, key_mask, cache, positions)
+            layer_cache = LayerCache(past_key_values, i) if past_key_values is not None else None
+            x, routing = block(x, key_mask, layer_cache, positions)
             routings.append(routing)
             if hidden is not None:
                 hidden.append(x)
@@ -212,7 +222,7 @@ class MoHModel(MoHPreTrainedModel):
         if hidden is not None:
             hidden[-1] = x
         token_mask = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask[:, -T:].bool()
-        return MoHModelOutput(last_hidden_state=x, past_key_values=past_key_values if use_cache else None,
+        return MoHModelOutput(last_hidden_state=x, **{CACHE_NAME: past_key_values if use_cache else None},
                               hidden_states=tuple(hidden) if hidden is not None else None, routings=routings,
                               token_mask=token_mask)
 
@@ -276,7 +286,7 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         input_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
-        past_key_values: Optional[Any] = None,
+        cache: Optional[Any] = None,
         inputs_embeds: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         use_cache: Optional[bool] = None,
@@ -284,6 +294,7 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         output_attentions: Optional[bool] = None,
         output_router_logits: Optional[bool] = None,
         logits_to_keep: int = 0,
+        past_key_values: Optional[Any] = None,
         **kwargs: Any,
     ) -> MoHCausalLMOutput:
         """See ``MoHModel.forward``. labels (B, T): the input ids themselves (-100 where no loss);
@@ -291,8 +302,8 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         many positions only (prefill for generation), not with labels."""
         if labels is not None and logits_to_keep:
             raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every position's logits")
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, output_attentions)
+        out = self.model(input_ids, attention_mask, position_ids, pick_cache(cache, past_key_values), inputs_embeds,
+                         use_cache, output_hidden_states, output_attentions)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         task_loss = next_token_loss(logits, labels) if labels is not None else None
@@ -301,7 +312,7 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         if routed:  # the balance term, added here once (moh.models.base.with_aux_loss)
             loss, aux = with_aux_loss(task_loss, out.routings, self.config.router_aux_loss_coef, out.token_mask)
         result = MoHCausalLMOutput(
-            loss=loss, aux_loss=aux, logits=logits, past_key_values=out.past_key_values,
+            loss=loss, aux_loss=aux, logits=logits, **{CACHE_NAME: output_cache(out)},
             hidden_states=out.hidden_states, router_logits=tuple(r.probs_BTE for r in out.routings) if routed else None,
             task_loss=task_loss, metrics={}, routings=out.routings, token_mask=out.token_mask)
         result.metrics = standard_metrics(result, labels, logits.shape[0])
