@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("moh.eval.bench", "latency / memory of the backends versus SDPA multi-head attention"),
     "train": ("moh.train.cli", "train from a YAML config: moh train configs/x.yaml --set optim.lr=3e-4"),
     "eval": ("moh.eval.classify", "top-1 accuracy of a trained checkpoint on a test split (DiT runs: domain FID)"),
+    "generate": ("moh.eval.generate", "text from a trained language model, streamed: moh generate RUN_DIR --prompt \"...\""),
     "sample": ("moh.eval.sample", "PNG sample grids of a trained DiT run: moh sample RUN_DIR --classes 0,1 --cfg-scale 4"),
     "data": ("moh.data.cli", "fetch and verify data sets: moh data fetch fashion-mnist"),
     "analyze": ("moh.analysis.cli", "head-load pictures of a trained model (paper Fig. 8)"),

@@ -7,7 +7,6 @@ Also ``throughput``: inference images/s of a classifier, used by ``benchmarks/vi
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from moh.eval.data import eval_dataset  # noqa: F401  (moh.eval.classify.eval_dataset, as before)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,19 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from moh.eval.fid import add_dit_arguments
 
     add_dit_arguments(p)  # options only DiT runs use (domain FID, sampling throughput)
+    from moh.eval.lm import add_lm_arguments
 
-
-def eval_dataset(cfg, split: str) -> Dataset:
-    """The run's data set on ``split`` without training augmentation (when the set has any)."""
-    import moh.data.images  # noqa: F401  (registers the image sets, the ones with augmentation)
-    from moh.data import DATASETS, build_dataset
-
-    from moh.train.config import check_data_args
-
-    args = check_data_args(cfg.data.name, cfg.data.args)
-    if cfg.data.name in DATASETS and "augment" in inspect.signature(DATASETS.get(cfg.data.name)).parameters:
-        args["augment"] = False
-    return build_dataset(cfg.data.name, split, **args)
+    add_lm_arguments(p)  # options only language models use (perplexity, lm-eval tasks)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     # where the result goes, checked before the work (a directory, a planted symlink, read-only)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{args.split}_{args.backend}.json"
     check_writable_file(out, "--out" if args.out else "result file")
+    from moh.eval.lm import is_language_model_dir, run_lm_eval
+
+    if is_language_model_dir(args.run_dir):  # a language model: perplexity, heads per layer, lm-eval tasks
+        return run_lm_eval(args, out)
     model, cfg = load_run(args.run_dir)
     from moh.models.dit import DiT
 

@@ -1,6 +1,7 @@
 """``moh eval`` of a DiT run: FID between test images and generated ones with torchmetrics'
 ``FrechetInceptionDistance`` and a pluggable feature extractor, the denoising loss, and sampling
-throughput (images/s) per attention backend. Writes ``RUN_DIR/eval_fid_<features>.json`` (or ``--out``).
+throughput (images/s) per attention backend. Writes ``RUN_DIR/eval_fid_<features>.json`` (or ``--out``)
+and the generated images it scored, as 8-bit pixels, beside it (``.samples.safetensors``).
 
 Feature extractors by name (``FEATURES``):
   classifier  a small CNN that moh trains on the run's data set with a fixed recipe (seed 0, one
@@ -29,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moh.registry import Registry
@@ -192,7 +194,7 @@ def load_classifier(path: Path, in_chans: int, image_size: int, num_classes: int
 @FEATURES.register("classifier")
 def classifier_extractor(cfg, opts) -> Extractor:
     """The run's data set's classifier features (trained here once if the file is missing)."""
-    from moh.eval.classify import eval_dataset
+    from moh.eval.data import eval_dataset
 
     path = Path(opts.extractor) if getattr(opts, "extractor", None) else default_classifier_path(cfg)
     test = eval_dataset(cfg, "test")
@@ -349,9 +351,17 @@ def check_dit_args(args: argparse.Namespace, num_classes: int) -> list[str]:
     return backends
 
 
+def from_pixels(pixels_NHWC, mean, std) -> Tensor:
+    """uint8 (N, Hi, Wi, C) -> standardised (N, C, Hi, Wi): generated images enter FID the way real
+    ones do, clamped to [0, 1] and rounded to 8 bits (values outside the pixel range would otherwise
+    count against a model for what no image file can hold)."""
+    x = torch.from_numpy(pixels_NHWC).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
 def real_images(cfg, limit: int = 0) -> Tensor:
     """The test split in the data set's scale (N, C, Hi, Wi), the first ``limit`` (0: all)."""
-    from moh.eval.classify import eval_dataset
+    from moh.eval.data import eval_dataset
 
     data = eval_dataset(cfg, "test")
     n = len(data) if not limit else min(limit, len(data))
@@ -361,8 +371,8 @@ def real_images(cfg, limit: int = 0) -> Tensor:
 def run_dit_eval(args: argparse.Namespace, model, cfg) -> int:
     """``moh eval`` of a DiT run (called by ``moh.eval.classify.run``)."""
     from moh.core.attention import set_backend
-    from moh.eval.classify import eval_dataset
-    from moh.eval.sample import generate
+    from moh.eval.data import eval_dataset
+    from moh.eval.sample import data_scale, generate, to_pixels
     from moh.train.checkpoint import atomic_write_text
     from moh.train.engine import evaluate
 
@@ -375,6 +385,8 @@ def run_dit_eval(args: argparse.Namespace, model, cfg) -> int:
     fake = generate(model, list(range(num_classes)), args.num_samples // num_classes, cfg_scale=args.cfg_scale,
                     steps=args.steps, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size)
     gen_seconds = time.perf_counter() - t0
+    pixels = to_pixels(fake, *data_scale(cfg))  # (N, Hi, Wi, C) uint8, as a PNG would hold them
+    fake = from_pixels(pixels, *data_scale(cfg))
     real = real_images(cfg, args.num_real)
     n_real = len(real)
     value = fid(extractor.module, real, fake)
@@ -390,6 +402,7 @@ def run_dit_eval(args: argparse.Namespace, model, cfg) -> int:
                   sampling_images_per_s={k: round(v, 3) for k, v in speed.items()}, threads=torch.get_num_threads())
     out = Path(args.out) if getattr(args, "out", None) else Path(args.run_dir) / f"eval_fid_{extractor.name}.json"
     atomic_write_text(out, json.dumps(result, indent=1))
+    save_file({"pixels_NHWC": torch.from_numpy(pixels).contiguous()}, str(out.with_suffix(".samples.safetensors")))
     rates = "  ".join(f"{k} {v:.2f} img/s" for k, v in speed.items())
     print(f"{cfg.model.name}  {cfg.data.name}: {value:.3f} {extractor.label}; {len(fake)} generated "
           f"({args.scheduler} {args.steps} steps, cfg {args.cfg_scale:g}, EMA) vs {n_real} test images; "
