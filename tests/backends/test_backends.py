@@ -122,7 +122,7 @@ def cases(draw):
         cfg=cfg, B=draw(st.integers(1, 3)), T=draw(st.integers(1, 9)), P=draw(st.sampled_from([0, 0, 1, 5])),
         mask=draw(st.sampled_from(["none", "bs", "bs_int", "bts"])),
         row_block=draw(st.sampled_from([1, 3, 256])), flash_grid=draw(st.sampled_from([1, 2, 5, 128])),
-        chunk_bytes=draw(st.sampled_from([1, 8 << 20])),
+        chunk_bytes=draw(st.sampled_from([1, 8 << 20])), per_sequence=draw(st.sampled_from([0, 512])),
         seed=draw(st.integers(0, 10_000)),
         dense_from=draw(st.sampled_from([0.0, 0.6, 1.01])),
     )
@@ -141,9 +141,10 @@ def test_backends_match_reference(case):
     prefix_mask = mask[:, :P] if (P and mask is not None and mask.dim() == 2) else None
     # small blocks: several blocks even on these tiny sequences; dense_from 0 computes every used
     # head for all rows (gate 0 where unused), 1.01 gathers every partially used head; chunks of
-    # one head (CPU) or of several
+    # one head (CPU) or of several; decode steps of a batch per sequence (0) or by shared heads
     knobs = dict(row_block=case["row_block"], flash_block=case["row_block"], flash_grid=case["flash_grid"],
-                 chunk_bytes=case["chunk_bytes"], dense_from=case["dense_from"],
+                 chunk_bytes=case["chunk_bytes"], decode_per_sequence_keys=case["per_sequence"],
+                 dense_from=case["dense_from"],
                  dense_from_causal=case["dense_from"])
     BACKENDS.register("sparse_case", overwrite=True)(SparseBackend(replace(CPU, **knobs)))
     BACKENDS.register("sparse_case_portable", overwrite=True)(

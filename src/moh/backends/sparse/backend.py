@@ -47,6 +47,8 @@ class SparseBackend:
         if T == 1 and device == "cuda" and tuning.triton and call.dropout_p == 0 and triton_available():
             return _decode_step(call, tuning)
         if T == 1 and call.dropout_p == 0:
+            if B > 1 and call.k.shape[2] >= tuning.decode_per_sequence_keys:
+                return _one_token_per_sequence(call)
             return _one_token(call)
         counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
         plan = make_plan(counts, T=T, S=call.k.shape[2], D=call.q.x.shape[-1], causal=call.causal,
@@ -109,6 +111,26 @@ def _one_token(call: AttentionCall) -> Tensor:
         head = masked_softmax(scores, key_mask).to(v.dtype) @ v  # (B, P, 1, hd)
         acc.add_heads(h0, h1, head.transpose(1, 2), call.routing.gates_BTH[..., h0:h1])
     return acc.finish()
+
+
+def _one_token_per_sequence(call: AttentionCall) -> Tensor:
+    """One new token per sequence for a batch, each sequence reading the KV cache of only its own
+    heads (``_one_token`` reads every head any sequence uses, for all of them): the queries of all
+    heads in one projection and the gated head outputs (zeros for unused heads) through one dense
+    output projection, both reading their weights once for the whole batch; attention by runs of
+    heads per sequence (views of the cache, never copied)."""
+    B, _, H = call.shape
+    used = call.routing.active_BTH[:, 0].tolist()  # (B, H)
+    q = call.q.heads(0, H).transpose(1, 2) * call.scale  # (B, H, 1, hd)
+    heads = q.new_zeros(B, H, 1, call.v.shape[-1])
+    for b in range(B):
+        key_mask = None if call.key_mask is None else call.key_mask[b : b + 1, :, None]  # (1, 1, 1, S)
+        for h0, h1 in runs([h for h in range(H) if used[b][h]]):
+            k, v = kv_for_heads(call.k[b : b + 1], call.v[b : b + 1], list(range(h0, h1)), H)  # (1, P, S, hd)
+            scores = q[b : b + 1, h0:h1].to(k.dtype) @ k.transpose(-1, -2)  # (1, P, 1, S)
+            heads[b : b + 1, h0:h1] = (masked_softmax(scores, key_mask).to(v.dtype) @ v).to(heads.dtype)
+    gated = heads[:, :, 0] * call.routing.gates_BTH[:, 0, :, None].to(heads.dtype)  # (B, H, hd), 0: unused
+    return call.out.dense(gated[:, None])
 
 
 def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor], row_mask: Optional[Tensor],
