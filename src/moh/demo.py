@@ -3,8 +3,10 @@
 Trains three small causal decoders (multi-head attention, MoH with 75% and with 50% of the heads
 per token) on multi-query associative recall (MQAR, generated on the fly: nothing to download)
 with the project's training loop, then prints one table (held-out recall accuracy, parameters,
-measured heads active, training step time, inference speedup of the ``sparse`` backend over the
-``masked`` one on the same trained model) and writes into the output folder:
+measured heads active, and the speed a user compares: each trained model with the ``sparse``
+backend against the multi-head model with fused SDPA attention, on a long prefill, decode tokens
+per second over a long context and a training step on a long sequence) and writes into the output
+folder:
 
     table.md  table.json       the table (and the settings that produced it)
     loss_curves.png            training loss and accuracy of the three models
@@ -44,8 +46,16 @@ class DemoPlan:
     weight_decay: float = 0.0
     eval_batches: int = 8  # held-out examples = eval_batches * batch_size
     log_every: int = 10
-    speed_len: int = 1024  # tokens of the batch-1 input the backends are timed on
-    speed_reps: int = 7  # timed forwards per backend (median), interleaved masked / sparse
+    # speed, each model with the sparse backend against the multi-head model (router "all": the
+    # sparse backend then runs every layer as one fused SDPA call over all heads). MoH saves a
+    # fraction of the attention, which dominates these small models only over long sequences
+    # (1 thread: MoH-50 prefill 0.84x of MHA at 1024 tokens, 1.12x at 2048, 1.25x at 4096)
+    speed_len: int = 4096  # tokens of the batch-1 prefill
+    decode_context: int = 4096  # cached tokens before the timed decode steps
+    decode_batch: int = 1  # sequences decoded together
+    decode_tokens: int = 16  # timed decode steps (one new token per sequence each)
+    train_len: int = 2048  # tokens of the batch-1 training step (forward + backward)
+    speed_reps: int = 5  # timed repeats per model (median), the models interleaved
     overrides: dict = field(default_factory=dict)  # model preset overrides (quick mode shrinks)
 
     @classmethod
@@ -57,15 +67,16 @@ class DemoPlan:
         # step, same cost). 3 pairs: with 4 or more the transition comes later.
         # Training runs on the masked backend: at 32 tokens the sparse backend's per-head gathers
         # cost more than they save (MoH-50: 75 vs 57 ms CPU per step).
+        # max_seq_len 8192: RoPE positions are no parameters, and the speed test needs 4096 + 16
         return cls(data=dict(num_examples=100_000, seq_len=32, num_kv_pairs=3, num_queries=10, vocab_size=64),
-                   overrides=dict(backend="masked"))
+                   overrides=dict(backend="masked", max_seq_len=8192))
 
     @classmethod
     def quick(cls) -> "DemoPlan":
         """Seconds: a smoke run of every piece (the numbers mean nothing)."""
         return cls(data=dict(num_examples=256, seq_len=16, num_kv_pairs=2, vocab_size=16), steps=6, batch_size=8,
-                   warmup_steps=2, eval_batches=2, log_every=2, speed_len=64, speed_reps=2,
-                   overrides=dict(vocab_size=16, max_seq_len=64, backend="masked"))
+                   warmup_steps=2, eval_batches=2, log_every=2, speed_len=64, decode_context=32, decode_tokens=2,
+                   train_len=32, speed_reps=2, overrides=dict(vocab_size=16, max_seq_len=128, backend="masked"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,14 +111,18 @@ def _run(plan: DemoPlan, args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, histories = [], {}
+    rows, histories, models = [], {}, {}
     for name in MODELS:
         log.info("demo: training %s (%d steps)", name, plan.steps)
         res = train_one(name, plan, out / name, args.seed)
         histories[name] = res.history
-        rows.append(measure(name, res, plan, args.seed))
+        models[name] = res.model
+        rows.append(measure(name, res, plan))
         if name != MODELS[0]:  # multi-head attention uses every head: nothing to picture
             write_routing(res.model, plan, args.seed, out / name / "routing", name)
+    log.info("demo: speed of the trained models (sparse backend) against multi-head attention")
+    for row, speed in zip(rows, measure_speed(models, plan, args.seed)):
+        row.update(speed)
     wall = time.perf_counter() - t0
     write_table(rows, plan, args.seed, wall, out)
     plot_curves(histories, out / "loss_curves.png")
@@ -121,8 +136,11 @@ def print_summary(rows: list[dict], plan: DemoPlan, wall: float, out: Path) -> N
     print(f"\nMQAR: {d['num_kv_pairs']} key-value pairs and {d.get('num_queries', d['num_kv_pairs'])} queries in "
           f"{d['seq_len']} tokens, vocabulary {d['vocab_size']} "
           f"(chance {rows[0]['chance']:.3f}); {plan.steps} steps x {plan.batch_size} sequences per model "
-          f"(backend {plan.overrides.get('backend', 'preset')}). Speedup: forward of the trained model on "
-          f"1 x {plan.speed_len} tokens, masked / sparse backend. Wall time {wall:.0f} s.")
+          f"(backend {plan.overrides.get('backend', 'preset')}). Speed: every trained model with the sparse "
+          f"backend, (x) = against {MODELS[0]} (router 'all': fused SDPA over all heads); prefill 1 x "
+          f"{plan.speed_len} tokens; decode {plan.decode_batch} x {plan.decode_tokens} new tokens after "
+          f"{plan.decode_context} cached; training step (forward + backward) on 1 x {plan.train_len} tokens; "
+          f"{torch_threads()} thread(s). Wall time {wall:.0f} s.")
     print(f"Wrote {out}/: table.md, table.json, loss_curves.png, <moh model>/routing/head_load.png and the runs.")
     print("\nWhat to run next:")
     for cmd, why in NEXT_STEPS:
@@ -148,13 +166,18 @@ def train_one(name: str, plan: DemoPlan, out_dir: Path, seed: int):
     return fit(cfg)
 
 
-def measure(name: str, res, plan: DemoPlan, seed: int) -> dict:
-    """One table row from a finished run."""
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def measure(name: str, res, plan: DemoPlan) -> dict:
+    """One table row from a finished run (the speed columns come from ``measure_speed``)."""
     from moh.data import build_dataset
 
     chance = build_dataset("mqar", "test", **plan.data).chance_accuracy()
     step_ms = [1000 * r["step_time_s"] for r in res.history if "step_time_s" in r]
-    masked_ms, sparse_ms = backend_latency(res.model, plan.speed_len, plan.speed_reps, seed)
     return {
         "model": name,
         "accuracy": res.eval["acc"],
@@ -162,36 +185,75 @@ def measure(name: str, res, plan: DemoPlan, seed: int) -> dict:
         "parameters": sum(p.numel() for p in res.model.parameters()),
         "heads_active": res.eval["heads_active"],
         "train_step_ms": statistics.median(step_ms) if step_ms else float("nan"),
-        "masked_ms": masked_ms,
-        "sparse_ms": sparse_ms,
-        "sparse_speedup": masked_ms / sparse_ms,
     }
 
 
-def backend_latency(model, length: int, reps: int, seed: int) -> tuple[float, float]:
-    """Median forward latency (ms) of ``model`` on one random sequence of ``length`` tokens with
-    backend ``masked`` and ``sparse``, timed alternately so both see the same machine load.
-    The model's backend is restored afterwards."""
+def measure_speed(models: dict, plan: DemoPlan, seed: int) -> list[dict]:
+    """Prefill ms, decode tokens/s and long training step ms of every model with the ``sparse``
+    backend, the models timed interleaved (one repeat of each in turn, so all see the same machine
+    load; median of ``plan.speed_reps``), each also as a ratio to the first model (multi-head
+    attention: with router "all" the sparse backend is one fused SDPA call over all heads). The
+    models' backends and modes are restored afterwards."""
     import torch
 
     from moh.core.attention import MoHAttention, set_backend
+    from moh.hf.compat import output_cache
 
-    before = next(m.cfg.backend for m in model.modules() if isinstance(m, MoHAttention))
-    length = min(length, model.cfg.max_seq_len)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, model.cfg.vocab_size, (1, length), generator=g)
-    times: dict[str, list[float]] = {"masked": [], "sparse": []}
-    model.eval()
-    with torch.inference_mode():
-        for rep in range(reps + 1):  # the first round warms up and is not counted
-            for backend in times:
-                set_backend(model, backend)
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(1, vocab, (1, plan.speed_len), generator=g)
+    context = torch.randint(1, vocab, (plan.decode_batch, plan.decode_context), generator=g)
+    token = torch.randint(1, vocab, (plan.decode_batch, 1), generator=g)
+    sample = torch.randint(1, vocab, (1, plan.train_len), generator=g)
+    before = {n: (next(a.cfg.backend for a in m.modules() if isinstance(a, MoHAttention)), m.training)
+              for n, m in models.items()}
+    calls = {}
+    for name, model in models.items():
+        set_backend(model, "sparse")
+        model.eval()
+        with torch.inference_mode():
+            cache = output_cache(model(input_ids=context, use_cache=True))
+
+        def prefill(model=model):
+            with torch.inference_mode():
+                model(input_ids=prompt)
+
+        def decode(model=model, cache=cache):
+            with torch.inference_mode():
+                for _ in range(plan.decode_tokens):
+                    model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache.crop(-plan.decode_tokens)  # every repeat decodes after the same context
+
+        def train_step(model=model):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            model(input_ids=sample, labels=sample).loss.backward()
+            model.zero_grad(set_to_none=True)
+            model.eval()
+
+        calls[name] = {"prefill_ms": prefill, "decode_ms": decode, "train_long_ms": train_step}
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in c} for n, c in calls.items()}
+    for rep in range(plan.speed_reps + 1):  # the first round warms up and is not counted
+        for kind in ("prefill_ms", "decode_ms", "train_long_ms"):
+            for name in calls:
                 t = time.perf_counter()
-                model(input_ids=ids)
+                calls[name][kind]()
                 if rep:
-                    times[backend].append(1000 * (time.perf_counter() - t))
-    set_backend(model, before)
-    return statistics.median(times["masked"]), statistics.median(times["sparse"])
+                    times[name][kind].append(1000 * (time.perf_counter() - t))
+    for name, model in models.items():
+        set_backend(model, before[name][0])
+        model.train(before[name][1])
+    rows = []
+    for name in models:
+        med = {k: statistics.median(v) for k, v in times[name].items()}
+        rows.append({"prefill_ms": med["prefill_ms"], "train_long_ms": med["train_long_ms"],
+                     "decode_tok_s": 1000 * plan.decode_batch * plan.decode_tokens / med["decode_ms"]})
+    base = rows[0]
+    for r in rows:
+        r["prefill_vs_mha"] = base["prefill_ms"] / r["prefill_ms"]
+        r["decode_vs_mha"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["train_long_vs_mha"] = base["train_long_ms"] / r["train_long_ms"]
+    return rows
 
 
 def write_routing(model, plan: DemoPlan, seed: int, out_dir: Path, title: str) -> None:
@@ -220,16 +282,27 @@ COLUMNS = (  # key, header, format
     ("accuracy", "MQAR accuracy", "{:.3f}"),
     ("parameters", "params", "{:,}"),
     ("heads_active", "heads active", "{:.2f}"),
-    ("train_step_ms", "train step (ms)", "{:.1f}"),
-    ("sparse_speedup", "sparse speedup (masked/sparse)", "{:.2f}x"),
+    ("prefill", "prefill ms (x MHA)", "{}"),
+    ("decode", "decode tokens/s (x MHA)", "{}"),
+    ("train_long", "train step ms (x MHA)", "{}"),
+    ("train_step_ms", "demo train step ms", "{:.1f}"),
 )
+_PAIRS = {"prefill": ("prefill_ms", "prefill_vs_mha", "{:.1f}"), "decode": ("decode_tok_s", "decode_vs_mha", "{:.0f}"),
+          "train_long": ("train_long_ms", "train_long_vs_mha", "{:.1f}")}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key in _PAIRS:
+        value, ratio, vfmt = _PAIRS[key]
+        return f"{vfmt.format(row[value])} ({row[ratio]:.2f}x)"
+    return fmt.format(row[key])
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of ``rows`` (the printed and the saved one are the same)."""
     head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(r[k]) for k, _, fmt in COLUMNS) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r, k, fmt) for k, _, fmt in COLUMNS) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
