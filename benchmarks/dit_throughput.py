@@ -3,12 +3,14 @@ DiT samples them (32x32x4 latents, patch 2 -> 256 tokens), random weights, class
 (2B rows per denoiser call), DDIM steps. Variants, measured side by side in one process and
 interleaved (A B C ... A B C ...) so that a change in machine load hits them alike:
 
-    MHA          dit-<size>-mha (router all), backend sparse (all heads -> one dense kernel)
+    MHA          dit-<size>-mha (router all), backend sparse (all heads -> one dense kernel); also
+                 backend masked ("MHA masked"); speed_vs_mha is relative to the first
     MoH-90 / 75  moh-dit-<size>-90 / -75 with backends sparse, masked (all heads then zero) and
                  reference (per-head loop; --reference)
 
-A sampling step is timed (median of --repeats, after a warm-up); images/s is reported for a
---steps-step sampling run: batch / (steps * step seconds). Writes JSON (--out).
+A sampling step is timed (median and minimum of --repeats, after a warm-up; on a loaded machine the
+minimum is the steadier estimate of the work); images/s is reported for a --steps-step sampling run:
+batch / (steps * median step seconds). Writes JSON (--out).
 
     python benchmarks/dit_throughput.py --sizes s2 b2 --batch 8 --threads 2 --out results/dit_throughput.json
 """
@@ -36,7 +38,7 @@ from moh.models import create_model  # noqa: E402
 
 def variants(size: str, reference: bool) -> list[tuple[str, str, str]]:
     """(label, preset, backend)."""
-    out = [("MHA", f"dit-{size}-mha", "sparse")]
+    out = [("MHA", f"dit-{size}-mha", "sparse"), ("MHA masked", f"dit-{size}-mha", "masked")]
     for pct in ("90", "75"):
         for backend in ("sparse", "masked") + (("reference",) if reference else ()):
             out.append((f"MoH-{pct} {backend}", f"moh-dit-{size}-{pct}", backend))
@@ -98,6 +100,7 @@ def main() -> None:
             med = statistics.median(times[label])
             atts = models[preset].cfg.attention_configs()
             rows.append(dict(size=size, variant=label, preset=preset, backend=backend, step_s=round(med, 4),
+                             step_s_min=round(min(times[label]), 4),
                              images_per_s=round(args.batch / (args.steps * med), 5), speed_vs_mha=round(base / med, 3),
                              heads_used=round(sum(a.active_heads for a in atts) / sum(a.num_heads for a in atts), 4),
                              step_s_all=[round(t, 4) for t in times[label]]))
