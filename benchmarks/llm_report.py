@@ -1,5 +1,6 @@
 """Summary of the from-scratch comparison (benchmarks/llm_scratch.sh): validation loss per model
-(mean +- std over seeds), the gaps to MHA against the goals, loss curves, sample generations.
+(mean +- std over seeds), the gaps to MHA against the goals, a table of parameters, token budget,
+perplexity per seed and training wall time, loss curves, sample generations.
 The validation loss is the one over the whole validation split that ``moh eval RUN_DIR --out
 RUN_DIR/eval_validation_full.json`` wrote (the training run's last evaluation covers only
 ``train.eval_batches`` batches); without that file, final.json's.
@@ -68,6 +69,48 @@ def table(runs: dict) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
+def run_shape(run_dir: str) -> dict:
+    """Parameters (the model its config.json builds; tied weights once) and the token budget
+    (config.yaml: steps x batch x grad_accum x seq_len) of one run."""
+    import torch
+    import yaml
+
+    import moh  # noqa: F401  (registers the Auto classes)
+    from moh.hf import MoHForCausalLM, MoHLMConfig
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    train, seq = cfg["train"], cfg["data"]["args"]["seq_len"]
+    with torch.device("meta"):
+        model = MoHForCausalLM(MoHLMConfig.from_pretrained(run_dir))
+    per_step = train["batch_size"] * train.get("grad_accum", 1) * seq
+    return {"params": sum(p.numel() for p in model.parameters()), "steps": train["steps"],
+            "tokens_per_step": per_step, "tokens": train["steps"] * per_step}
+
+
+def perplexity_table(runs: dict) -> tuple[list[dict], str]:
+    """Model, heads, parameters, steps x tokens, validation perplexity per seed and of the mean
+    loss, training wall time per seed (final.json's train_time_s)."""
+    import math
+
+    rows = []
+    lines = ["| model | heads active | parameters | steps x tokens/step (tokens) | perplexity per seed | "
+             "perplexity of mean loss | train wall time per seed |", "|---|---|---|---|---|---|---|"]
+    for key, label in VARIANTS:
+        if key not in runs:
+            continue
+        shape = run_shape(runs[key][0]["dir"])
+        ppl = [math.exp(r["val_loss"]) for r in runs[key]]
+        mean_loss = statistics.mean(r["val_loss"] for r in runs[key])
+        wall = [r["final"]["train_time_s"] for r in runs[key]]
+        rows.append({"variant": key, **shape, "seeds": [r["seed"] for r in runs[key]], "perplexity": ppl,
+                     "perplexity_of_mean_loss": math.exp(mean_loss), "train_wall_s": wall})
+        lines.append(f"| {label} | {runs[key][0]['final']['heads_active']:.2f} | {shape['params'] / 1e6:.3f}M | "
+                     f"{shape['steps']} x {shape['tokens_per_step']} ({shape['tokens'] / 1e6:.3f}M) | "
+                     + ", ".join(f"s{r['seed']} {x:.2f}" for r, x in zip(runs[key], ppl))
+                     + f" | {math.exp(mean_loss):.2f} | " + ", ".join(f"{w / 60:.1f} min" for w in wall) + " |")
+    return rows, "\n".join(lines)
+
+
 def plot(runs: dict, path: Path) -> None:
     import matplotlib
 
@@ -133,6 +176,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"no finished llm-mini-* runs in {args.root}")
     rows, md = table(runs)
     print(md)
+    ppl_rows, ppl_md = perplexity_table(runs)
+    print()
+    print(ppl_md)
     plot(runs, Path(args.png))
     gens = samples(runs, [s.strip() for s in args.prompts.split(",")], args.new_tokens)
     for label, texts in gens.items():
@@ -140,7 +186,8 @@ def main(argv=None) -> int:
         for t in texts:
             print(f"  {t!r}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "table": md, "samples": gens}, indent=1))
+    Path(args.json).write_text(json.dumps({"rows": rows, "table": md, "perplexity_rows": ppl_rows,
+                                           "perplexity_table": ppl_md, "samples": gens}, indent=1))
     print(f"\nwrote {args.png}, {args.json}")
     return 0
 

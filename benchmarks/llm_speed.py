@@ -75,9 +75,11 @@ def prefill(model, ids: torch.Tensor):
     """(seconds, cache, next token) of one forward over ``ids`` keeping the last logits only."""
     from transformers import DynamicCache
 
+    from moh.hf.compat import CACHE_NAME
+
     cache = DynamicCache(config=model.config)
     t = now()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache})
     return now() - t, cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -85,9 +87,11 @@ def decode_tokens_per_s(model, ids: torch.Tensor, cache, token: torch.Tensor, ne
     """generate() continuing from ``cache`` (which holds ``ids``) with ``token`` next."""
     from transformers import LogitsProcessorList
 
+    from moh.hf.compat import CACHE_NAME
+
     clock = StepClock()
     full = torch.cat([ids, token], 1)
-    model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=new_tokens,
+    model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=new_tokens, **{CACHE_NAME: cache},
                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
                    logits_processor=LogitsProcessorList([clock]))
     steps = clock.stamps

@@ -70,6 +70,24 @@ def test_bench_bad_options_exit_2(tmp_path, capsys):
     assert "--decode-layers=0" in capsys.readouterr().err
     assert main(["bench", "--quick", "--clock", "cpu", "--threads", "2", "--out", str(tmp_path / "x.json")]) == 2
     assert "--threads 1" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--device", "tpu", "--out", str(tmp_path / "x.json")]) == 2
+    assert "'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_bf16_batch_size_alias(tmp_path, capsys):
+    """--dtype bf16 runs every backend in bf16 (the JSON says so); --batch-size is --batch."""
+    out = tmp_path / "bf16.json"
+    argv = ["bench", "--quick", "--seq-lens", "16", "--decode-contexts", "", "--train-seq-len", "16", "--repeats", "1",
+            "--warmup", "0", "--dtype", "bf16", "--batch-size", "2", "--backends", "sparse", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["dtype"] == "bf16" and data["settings"]["batch"] == 2
+    assert {r["backend"] for r in data["results"]} == {"sdpa", "sparse", "ideal"}
+    assert "bf16 on cpu" in capsys.readouterr().out
 
 
 def test_head_split_matches_the_brief():

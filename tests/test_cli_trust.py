@@ -1,6 +1,7 @@
 """First contact with the command line: --version, a pipe closed early, shipped configs found from
 any directory, --print-config, one flag spelling everywhere, a log line without a terminal, and
 output paths (directories, files, symlinks, OS errors) named in one line with exit code 2."""
+import argparse
 import gzip
 import json
 import logging
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from moh.cli import build_parser, main
+from moh.cli import COMMANDS, build_parser, main
 from moh.models import create_model
 from moh.train import checkpoint as ckpt
 from moh.train.cli import CONFIG_DIR
@@ -34,6 +35,13 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("moh ")
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_help_prints(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"] if command is None else [command, "--help"])
+    assert e.value.code == 0 and "usage: moh" in capsys.readouterr().out
 
 
 def test_a_pipe_closed_early_is_no_traceback():
@@ -82,10 +90,10 @@ def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path, caps
 
 
 def test_one_spelling_for_output_and_batch_flags():
-    for command in ("train", "eval", "analyze"):
+    for command in ("train", "eval", "analyze", "bench"):
         parser = build_parser(command)
         sub = parser._subparsers._group_actions[0].choices[command]
-        options = {o for a in sub._actions for o in a.option_strings}
+        options = {o for a in sub._actions if a.help != argparse.SUPPRESS for o in a.option_strings}
         assert "--out" in options, command
         if command != "train":
             assert "--batch-size" in options and "--batch" not in options, command

@@ -110,7 +110,7 @@ def test_load_full_state_checks_before_torch_fills_the_dict():
 
 def test_tied_weights_round_trip_and_disagreeing_copies_are_refused(tmp_path):
     torch.manual_seed(0)
-    kw = dict(vocab_size=32, dim=32, depth=1, num_heads=4)
+    kw = dict(vocab_size=32, dim=32, depth=1, num_heads=4, num_shared=1, top_k=1)
     model = create_model("moh-llm-tiny-50", **kw)
     (tied,) = tied_groups(model)  # the embedding and the output head: one tensor
     path = tmp_path / "m.safetensors"

@@ -13,13 +13,13 @@ COMMANDS = {
     "demo": ("moh.demo", "the main job: train MHA vs MoH on in-context recall, print a table"),
     "bench": ("moh.eval.bench", "latency / memory of the backends versus SDPA multi-head attention"),
     "train": ("moh.train.cli", "train from a YAML config: moh train configs/x.yaml --set optim.lr=3e-4"),
-    "eval": ("moh.eval.classify", "top-1 accuracy of a trained checkpoint on a test split (DiT runs: domain FID)"),
+    "eval": ("moh.eval.classify", "score a trained run: top-1 (classifiers), perplexity and lm-eval tasks (language models), domain FID (DiT)"),
     "generate": ("moh.eval.generate", "text from a trained language model, streamed: moh generate RUN_DIR --prompt \"...\""),
     "sample": ("moh.eval.sample", "PNG sample grids of a trained DiT run: moh sample RUN_DIR --classes 0,1 --cfg-scale 4"),
     "data": ("moh.data.cli", "fetch and verify data sets: moh data fetch fashion-mnist"),
     "analyze": ("moh.analysis.cli", "head-load pictures of a trained model (paper Fig. 8)"),
     "models": ("moh.models.cli", "list the model presets"),
-    "convert": ("moh.convert.cli", "a pretrained LLaMA / Mistral / Qwen2 (dir, GGUF, hub id) -> a moh model: moh convert SRC OUT --heads 75%"),
+    "convert": ("moh.convert.cli", "a pretrained LLaMA / Mistral / Qwen2 (dir, GGUF, hub id) -> a moh model: moh convert SRC OUT --heads 75%%"),
 }
 
 
@@ -30,7 +30,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moh {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_.replace("%%", "%"))
         p.set_defaults(_module=module)
         if name == command:
             importlib.import_module(module).add_arguments(p)

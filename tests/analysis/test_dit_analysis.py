@@ -10,14 +10,6 @@ from moh.models import create_model
 TINY = dict(dim=32, depth=2, num_heads=4, image_size=8, patch_size=2, num_classes=4, layer_heads=[[1, 2], [4, 0]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_timestep_ranges():
     assert timestep_ranges(1000, 4) == [(0, 249), (250, 499), (500, 749), (750, 999)]
     assert timestep_ranges(10, 3) == [(0, 2), (3, 5), (6, 9)]

@@ -10,14 +10,6 @@ from moh.cli import main as moh_main
 from .dit_fixtures import train_tiny_dit, write_fake_fmnist
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dit_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("dit")

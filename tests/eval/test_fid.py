@@ -10,14 +10,6 @@ from moh.eval.fid import (ClassifierCNN, FEATURES, _Features, fid, inception_ext
                           train_classifier)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_images(n: int, seed: int) -> ImageClassification:
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 3

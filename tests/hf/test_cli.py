@@ -76,7 +76,8 @@ def test_eval_reports_perplexity_and_heads_per_layer(lm_run, tmp_path, capsys):
     assert res["loss"] == pytest.approx(final["loss"], rel=1e-5)  # the run's own validation loss
     assert res["perplexity"] == pytest.approx(torch.tensor(final["loss"]).exp().item(), rel=1e-5)
     assert res["layer_heads_active"] == [0.5, 0.5] and res["heads_active"] == pytest.approx(0.5)
-    assert "perplexity" in capsys.readouterr().out
+    assert res["split"] == "test" and res["data_split"] == "validation"  # "test" reads the validation tokens
+    assert "(= the validation split)  backend" in capsys.readouterr().out
     assert main(["eval", str(lm_run), "--lm-batch-size", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "--lm-batch-size=0" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 

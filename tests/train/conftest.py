@@ -16,14 +16,3 @@ def smoke_cfg(tmp_path):
         return RunConfig.load(SMOKE, [f"train.out_dir={tmp_path / 'run'}", *overrides])
 
     return make
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the machine's cores are shared, and oversubscribed threads spin."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

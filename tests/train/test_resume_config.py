@@ -29,7 +29,7 @@ def run(smoke_cfg, tmp_path):
     ("train.grad_accum=2", "train.grad_accum", "1", "2"),
     ("optim.lr=0.01", "optim.lr", "0.001", "0.01"),
     ("model.overrides.depth=3", "model.depth", "2", "3"),
-    ("model.name=moh-vit-tiny-50", "model.name", "'vit-tiny-mha'", "'moh-vit-tiny-50'"),
+    ("model.name=vit-tiny32-mha", "model.name", "'vit-tiny-mha'", "'vit-tiny32-mha'"),
     ("data.args.size=40", "data.args.size", "32", "40"),
     ("train.eval_batches=1", "train.eval_batches", "0", "1"),
 ])

@@ -100,7 +100,7 @@ def test_an_unusable_out_dir_is_named_before_any_work(smoke_cfg, tmp_path, monke
         monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
         expect = "is not writable"
     built = []
-    monkeypatch.setattr(engine, "create_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(engine, "build_model", lambda *a, **k: built.append(1))
     with pytest.raises(ValueError, match=expect) as e:
         fit(smoke_cfg(*QUICK, f"train.out_dir={target}"))
     assert str(target) in str(e.value) and not built  # failed before building anything

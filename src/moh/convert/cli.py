@@ -10,7 +10,6 @@ is imported; ``moh train`` starts from it with ``model.name: hf:OUT``.
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ the past. ``LayerCaches`` bundles one per layer for a model.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -1,6 +1,7 @@
 """``moh bench``: latency and memory of the MoH backends versus dense SDPA multi-head attention.
 
-One attention layer (D, H heads of width hd, batch B, fp32) is timed for every backend x
+One attention layer (D, H heads of width hd, batch B; fp32 on the CPU by default, ``--device cuda
+--dtype bf16`` on a GPU) is timed for every backend x
 active-head ratio, next to a dense baseline: q/k/v/o ``nn.Linear`` + ``F.scaled_dot_product_attention``
 with the same D/H (projections included, as in MoH). Candidates of one case (sequence length,
 causal or not) are timed *interleaved*, one repeat of each in turn, so machine noise hits all of
@@ -17,9 +18,11 @@ backend can reach on this machine. Three kinds of case:
 * ``train``:   forward + backward (loss: sum of the output times a fixed random tensor, plus the
                router's load-balance loss for MoH).
 
-Peak memory is the peak of bytes allocated by torch's CPU allocator during one call, above what
-was allocated before it (weights, inputs and caches excluded), from the profiler's memory events.
-It counts tensors (scores, activations, autograd buffers), not allocator caching or Python objects.
+Peak memory is the peak of bytes allocated by torch's allocator during one call, above what was
+allocated before it (weights, inputs and caches excluded): on the CPU from the profiler's memory
+events, on CUDA from ``torch.cuda.max_memory_allocated``. It counts tensors (scores, activations,
+autograd buffers), not allocator caching or Python objects. On CUDA every timed call is bracketed by
+``torch.cuda.synchronize()`` (wall clock only).
 
 Shape legend: B batch, N tokens, D width, H heads, hd head width.
 """
@@ -195,8 +198,15 @@ def _quiet_fd2():
         os.close(saved)
 
 
-def peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak bytes allocated by torch's CPU allocator during ``fn()``, above the level at its start."""
+def peak_bytes(fn: Callable[[], None], device: str = "cpu") -> int:
+    """Peak bytes allocated by torch's allocator on ``device`` during ``fn()``, above the level at its start."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(torch.cuda.max_memory_allocated(device) - start, 0)
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -249,9 +259,10 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
     """Time SDPA and every backend x ratio for one (kind, length, causal); fill both ratios."""
     torch.manual_seed(0)
     D, H, hd, B = args.dim, args.heads, args.head_dim, args.batch
+    dev, dtype = torch.device(args.device), DTYPES[args.dtype]
     n_new = 1 if kind == "decode" else seq_len
-    x = torch.randn(B, n_new, D, requires_grad=(kind == "train"))
-    ctx = torch.randn(B, seq_len, D) if kind == "decode" else None
+    x = torch.randn(B, n_new, D, device=dev, dtype=dtype, requires_grad=(kind == "train"))
+    ctx = torch.randn(B, seq_len, D, device=dev, dtype=dtype) if kind == "decode" else None
     makers = {("sdpa", 1.0): lambda: DenseMHA(D, H, hd, causal)}
     for backend in args.backends:
         for ratio in args.ratios:
@@ -264,15 +275,19 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
     depth = args.decode_layers if kind == "decode" else 1
     calls, actives = {}, {}
     for key, make in makers.items():
-        layers = [make() for _ in range(depth)]
+        layers = [make().to(dev, dtype) for _ in range(depth)]
         calls[key], actives[key] = _make_call(layers, kind, x, ctx, is_moh=key[0] not in ("sdpa", "ideal"))
         if key[0] == "ideal":
             actives[key] = [layers[0].p / H]
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if dev.type == "cuda":
+        def clock(dev=dev):  # the kernels queued so far have finished
+            torch.cuda.synchronize(dev)
+            return time.perf_counter()
     times = time_interleaved(calls, args.repeats, args.warmup, clock, before=_cache_flusher(args.flush_mb))
     rows = []
     for key, ts in times.items():
-        peak = peak_bytes(calls[key]) / 2**20
+        peak = peak_bytes(calls[key], args.device) / 2**20
         ts = [t / depth for t in ts]  # decode: per layer of the stack
         rows.append(Row(kind, seq_len, causal, key[0], key[1], actives[key][0], statistics.median(ts),
                         [round(t, 3) for t in ts], round(peak, 2)))
@@ -287,6 +302,9 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
 
 
 # ---- the command ------------------------------------------------------------------------------
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _ints(s: str) -> list[int]:
@@ -320,7 +338,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="sparse,masked", help="comma-separated backends (reference is slow)")
     p.add_argument("--repeats", type=int, help=f"timed repeats per candidate (default {DEFAULTS['repeats']})")
     p.add_argument("--warmup", type=int, help=f"untimed runs per candidate (default {DEFAULTS['warmup']})")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch-size", dest="batch", type=int, default=1, help="sequences per call (default 1)")
+    p.add_argument("--batch", dest="batch", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="weights and activations (default fp32; bf16/fp16 accumulate in fp32 inside the kernels)")
     p.add_argument("--router", default="two_stage",
                    help="router below 100%% active: two_stage (learned, the paper's) or query_norm (parameter-free, "
                         "for converted LLMs)")
@@ -362,6 +384,17 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("dim", "heads", "head_dim", "repeats", "batch", "decode_layers"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: moh bench times cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: torch sees no CUDA device here")
+    if dev.type == "cuda" and (args.clock == "cpu" or args.flush_mb):
+        raise ValueError("--device cuda times with the wall clock and without --flush-mb "
+                         f"(got --clock {args.clock}, --flush-mb {args.flush_mb})")
     if args.clock == "cpu" and args.threads != 1:
         raise ValueError(f"--clock cpu needs --threads 1 (CPU time sums all threads), got --threads {args.threads}")
     lengths = args.seq_lens + args.decode_contexts
@@ -383,8 +416,9 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return dict(platform=platform.platform(), cpu=cpu, cpus=os.cpu_count(), threads=torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version(),
+                torch=torch.__version__, python=platform.python_version(), gpu=gpu,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -416,7 +450,8 @@ def _run(args: argparse.Namespace) -> int:
     info = machine_info()
     print(f"moh bench | {info['date']} | torch {info['torch']} | threads {info['threads']} | {info['cpu']} "
           f"| {info['platform']}")
-    print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} fp32 | router {args.router} | "
+    where = args.device if args.device == "cpu" else f"{args.device} ({info['gpu']})"
+    print(f"D={args.dim} H={args.heads} hd={args.head_dim} B={args.batch} {args.dtype} on {where} | router {args.router} | "
           f"median of {args.repeats} (interleaved), "
           f"{args.warmup} warm-up | {args.clock} clock | decode through {args.decode_layers} layers | "
           f"{f'caches flushed ({args.flush_mb} MB) | ' if args.flush_mb else ''}"
@@ -430,7 +465,7 @@ def _run(args: argparse.Namespace) -> int:
         log.info("bench: %s N=%d %s", kind, n, "causal" if causal else "bidirectional")
         rows += run_case(args, kind, n, causal)
     print(format_table(rows))
-    settings = {k: getattr(args, k) for k in ("dim", "heads", "head_dim", "batch", "seq_lens", "decode_contexts",
+    settings = {k: getattr(args, k) for k in ("dim", "heads", "head_dim", "batch", "device", "dtype", "seq_lens", "decode_contexts",
                                               "train_seq_len", "ratios", "backends", "repeats", "warmup", "quick", "clock",
                                               "ideal", "flush_mb", "decode_layers", "router")}
     info["load_average_1min"] = os.getloadavg()[0]  # other processes on the machine distort wall times

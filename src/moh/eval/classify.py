@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from moh.eval.data import eval_dataset  # noqa: F401  (moh.eval.classify.eval_dataset, as before)
 

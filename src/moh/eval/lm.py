@@ -128,6 +128,8 @@ def run_lm_eval(args: argparse.Namespace, out: Path) -> int:
     if data is None and not tasks:
         raise ValueError(f"{str(model_dir)!r} is a model directory, not a run: give --tokens DIR for perplexity "
                          f"and/or --tasks")
+    if data is not None and isinstance(getattr(data, "split", None), str):
+        result["data_split"] = data.split  # the token file's split ("test" reads the validation tokens)
     t0 = time.perf_counter()
     if data is not None:
         ev = evaluate(model, data, batch_size=args.lm_batch_size, max_batches=args.max_batches)
@@ -147,7 +149,10 @@ def run_lm_eval(args: argparse.Namespace, out: Path) -> int:
 def summary(result: dict) -> str:
     lines = []
     if "perplexity" in result:
-        lines.append(f"{result['model_dir']}  {result['split']}  backend {result['backend']}  "
+        split = result["split"]
+        if result.get("data_split", split) != split:
+            split = f"{split} (= the {result['data_split']} split)"
+        lines.append(f"{result['model_dir']}  {split}  backend {result['backend']}  "
                      f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
                      f"heads active {result['heads_active']:.3f} (per layer {result['layer_heads_active']})")
     for name, metrics in result.get("tasks", {}).items():

@@ -412,7 +412,7 @@ class _RowsAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, qpos, kv_head, key_mask, scale, causal, tuning):  # type: ignore[override]
         B, P, M, hd = q.shape
-        G, S = k.shape[1], k.shape[2]
+        S = k.shape[2]
         block_d = _check_head_dim(hd)
         prec, upcast = _precision(q.dtype, q.device, tuning)
         out = torch.empty(B, P, M, hd, dtype=q.dtype, device=q.device)
