@@ -95,3 +95,19 @@ def test_head_split_matches_the_brief():
     assert head_split(12, 0.75) == (2, 7)
     assert head_split(12, 0.9) == (2, 9)
     assert head_split(12, 1.0) is None  # router "all"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratios", "1"], "--ratios 1% cannot be measured with --heads 12"),  # 1 is 1%, never 100%
+    (["--ratios", "0.5"], "--ratios 0.5% cannot be measured"),
+    (["--heads", "1", "--ratios", "50"], "--ratios 50% cannot be measured with --heads 1"),
+    (["--backends", ""], "--backends is empty"),
+    (["--seq-lens", "", "--decode-contexts", "", "--train-seq-len", "0"], "nothing to measure"),
+    (["--batch-size", "0"], "--batch-size=0 must be positive"),
+    (["--out", ""], "--out '' is empty"),
+])
+def test_bench_values_it_cannot_measure_are_one_error(tmp_path, capsys, args, message):
+    argv = ["bench", "--quick", "--out", str(tmp_path / "x.json"), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "x.json").exists()

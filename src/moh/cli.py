@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_out(args: argparse.Namespace) -> None:
     out, kind = getattr(args, "out", None), OUT_KIND.get(args.command)
+    if isinstance(out, str) and not out.strip():  # "" would silently mean the default (or the current directory)
+        flag = "OUT" if args.command == "convert" else "--out"  # convert's OUT is positional
+        raise ValueError(f"{flag} {out!r} is empty; give a path" + ("" if flag == "OUT" else
+                                                                     ", or leave --out out for the default"))
     if not out or kind is None:
         return
     from moh.train.rundir import check_writable_dir, check_writable_file

@@ -165,3 +165,40 @@ def test_refusals(tmp_path, monkeypatch):
         convert(str(path), heads="67%", router="calibrated")
     with pytest.raises(ValueError, match="valid"):
         convert(str(path), heads="67%", router="nope")
+
+
+def test_bad_head_specs_outputs_and_numbers_are_one_error_before_any_work(tmp_path, capsys):
+    """Issue 12's class: a flat JSON list or a bool in --layer-heads, an OUT that is a file, a
+    symbolic link or empty, an empty SRC, --batch-size 0, a NaN ridge: one error naming the value."""
+    from moh.cli import main
+
+    with pytest.raises(ValueError, match="give S:K pairs"):
+        parse_layer_heads("[1, 2]", 2, 6)
+    with pytest.raises(ValueError, match="entry 0"):
+        parse_layer_heads([[True, 1]], 2, 6)
+    _, path = tiny("llama", tmp_path)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for out, message in [(tmp_path / "file", "is a file"), (tmp_path / "link", "symbolic link"), ("", "OUT '' is empty")]:
+        assert main(["convert", str(path), str(out), "--heads", "100%"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "elsewhere").exists() and (tmp_path / "file").read_text() == "x"
+    assert main(["convert", "", str(tmp_path / "o")]) == 2 and "SRC '' is empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--batch-size 0"):
+        convert(str(path), heads="100%", batch_size=0)
+    with pytest.raises(ValueError, match="--ridge nan"):
+        convert(str(path), heads="100%", ridge=float("nan"))
+
+
+def test_more_calibration_tokens_than_the_text_holds_is_an_error(tmp_path, monkeypatch):
+    import numpy as np
+
+    from moh.convert import calibrate as cal
+
+    (tmp_path / "meta.json").write_text("{}")
+    monkeypatch.setattr(cal, "_token_dir", lambda root, vocab: (np.arange(100) % 96, {}))
+    with pytest.raises(ValueError, match="--calib-tokens 1000 is more than the 100 train tokens"):
+        cal.calibration_ids(str(tmp_path), None, 1000, 32)
+    windows, _ = cal.calibration_ids(str(tmp_path), None, 64, 32)
+    assert windows.shape == (2, 32)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -545,3 +546,31 @@ def test_export_pretrained_tokenizer_dir_is_plain_and_equivalent(tmp_path, pipel
         (tmp_path / "two" / n).write_bytes(b"")
     with pytest.raises(ValueError, match=r"2 \.gguf files \['a.gguf', 'b.gguf'\]; pass --gguf-file"):
         export_pretrained(tmp_path / "two", tmp_path / "x")
+
+
+def test_outputs_that_are_empty_or_symbolic_links_are_refused(tmp_path, pipeline):
+    """Issue 12's class: "" would write into the current directory, a link would be written through."""
+    from moh.data.text.tasks import build_tasks
+    from moh.data.text.tokenizer import train_tokenizer
+    from moh.data.text.tokens import tokenize_corpus
+
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for out, message in [("", "is empty"), (link, "symbolic link")]:
+        with pytest.raises(ValueError, match=message):
+            train_tokenizer(pipeline["corpus"], out, 400)
+        with pytest.raises(ValueError, match=message):
+            tokenize_corpus(pipeline["corpus"], pipeline["tok"], out)
+        with pytest.raises(ValueError, match=message):
+            build_tasks(pipeline["corpus"], out, "validation")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_damaged_tokenizer_file_is_named(tmp_path, pipeline):
+    from moh.data.text.tokenizer import load_tokenizer
+
+    bad = tmp_path / "tok"
+    shutil.copytree(pipeline["tok"], bad)
+    (bad / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"tokenizer '{bad}' cannot be read"):
+        load_tokenizer(bad)

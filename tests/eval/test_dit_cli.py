@@ -46,6 +46,7 @@ def test_sample_writes_a_grid_per_class_and_a_combined_one(dit_run, tmp_path):
     (["--cfg-scale", "-1"], "cfg scale=-1.0 must be a number >= 0"),
     (["--steps", "0"], "steps=0 must be a positive integer"),
     (["--per-class", "0"], "--per-class=0 must be >= 1"),
+    (["--cfg-scale", "inf"], "--cfg-scale=inf must be a finite number"),  # every image NaN, saved black
 ])
 def test_sample_bad_input_is_one_error_naming_the_value(dit_run, tmp_path, capsys, args, message):
     run, _ = dit_run
@@ -84,3 +85,41 @@ def test_analyze_writes_head_load_per_class_and_timestep(dit_run, tmp_path, caps
     by_class = json.loads((tmp_path / "an" / "routing_summary.json").read_text())
     assert by_class["group_names"][0] == "T-shirt/top" and len(by_class["head_load"]) == 2
     assert by_class["active_fraction"] == [pytest.approx(0.75), pytest.approx(1.0)]
+
+
+def test_sample_and_eval_name_an_image_size_the_patch_size_does_not_divide(dit_run, tmp_path, capsys):
+    import yaml
+
+    run, _ = dit_run
+    bad = tmp_path / "bad_run"
+    bad.mkdir()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["overrides"]["patch_size"] = 3  # 28 x 28 images
+    (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (bad / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes())
+    for cmd in (["sample", str(bad), "--out", str(tmp_path / "never")], ["eval", str(bad)]):
+        assert moh_main(cmd) == 2
+        assert "image_size=28 is not divisible by patch_size=3" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert moh_main(["sample", str(run), "--out", str(tmp_path / "never"), "--steps", "-3"]) == 2
+    assert "steps=-3 must be a positive integer" in capsys.readouterr().err
+
+
+def test_outputs_are_checked_before_the_work_and_never_written_through_a_link(dit_run, tmp_path, capsys):
+    """Issue 12's class: ``moh eval`` of a DiT checks its own result files (not the classifier's
+    name) before sampling, and refuses a planted symbolic link; ``--out ''`` is not the default."""
+    import shutil
+
+    run, _ = dit_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    for name in ("eval_fid_classifier.json", "eval_fid_classifier.samples.safetensors"):  # an earlier test's
+        (copy / name).unlink(missing_ok=True)
+    (copy / "eval_fid_classifier.samples.safetensors").symlink_to(victim)
+    assert moh_main(["eval", str(copy), "--steps", "1", "--num-samples", "10"]) == 2
+    assert "symbolic link" in capsys.readouterr().err and victim.read_text() == "keep"
+    assert not (copy / "eval_fid_classifier.json").exists()
+    assert moh_main(["sample", str(copy), "--out", "", "--steps", "1"]) == 2
+    assert "--out '' is empty" in capsys.readouterr().err and not (copy / "samples").exists()

@@ -100,3 +100,30 @@ def test_eval_runs_local_lm_eval_tasks_offline(lm_run, text_data, tmp_path, monk
     assert 0.0 <= tasks["moh_next_sentence"]["acc,none"] <= 1.0 and tasks["moh_cloze"]["perplexity,none"] > 1.0
     assert main(["eval", str(lm_run), "--tasks", "nope", "--include-path", str(tmp_path / "tasks"),
                  "--out", str(tmp_path / "y.json")]) == 2
+
+
+def test_eval_of_a_damaged_config_json_or_foreign_tokens_is_an_error(lm_run, text_data, tmp_path, capsys):
+    """A run whose config.json is not moh's is not scored as a classifier (top-1 of a language
+    model); token files of a bigger vocabulary are named, not an IndexError in the embedding."""
+    d = damaged_copy(lm_run, tmp_path, "llama-config")
+    assert main(["eval", str(d), "--out", str(tmp_path / "a.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not model_type 'moh'" in err and "Traceback" not in err and not (tmp_path / "a.json").exists()
+    tokens = tmp_path / "tokens"
+    shutil.copytree(text_data["tokens"], tokens)
+    meta = json.loads((tokens / "meta.json").read_text())
+    (tokens / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1000}))
+    assert main(["eval", str(lm_run), "--tokens", str(tokens), "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "uses 1000 token ids" in err and "vocab_size=300" in err and not (tmp_path / "b.json").exists()
+    # an --out in a directory that does not exist yet is created (it was checked creatable first)
+    assert main(["eval", str(lm_run), "--max-batches", "1", "--out", str(tmp_path / "new" / "c.json")]) == 0
+    assert (tmp_path / "new" / "c.json").is_file()
+
+
+def test_convert_of_a_run_keeps_the_run_tokenizer(lm_run, tmp_path):
+    from moh.convert import convert
+
+    conv = convert(str(lm_run), heads="100%")
+    assert conv.tokenizer is not None
+    assert (conv.save(tmp_path / "out") / "tokenizer.json").is_file()

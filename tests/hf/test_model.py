@@ -142,3 +142,50 @@ def test_per_layer_head_splits_build_run_and_reload(tmp_path):
     again = MoHForCausalLM.from_pretrained(tmp_path).eval()
     assert again.config.layer_heads == [[1, 1], [6, 2, 2]]
     torch.testing.assert_close(again(IDS).logits, out.logits, atol=0, rtol=0)
+
+
+def test_config_sizes_and_token_ids_out_of_range_are_named(model):
+    """Issue 12's class: zero sizes (num_attention_heads=0 divided by zero), ids past the
+    vocabulary, negative or float ids: a ValueError naming the value, not an IndexError."""
+    for kw, message in [(dict(num_attention_heads=0), "num_attention_heads=0"), (dict(vocab_size=0), "vocab_size=0"),
+                        (dict(max_position_embeddings=0), "max_position_embeddings=0")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_config(**kw)
+    with pytest.raises(ValueError, match="input_ids run from 0 to 61"):
+        model(input_ids=torch.tensor([[0, 61]]))
+    with pytest.raises(ValueError, match="input_ids run from -1"):
+        model(input_ids=torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(input_ids=torch.tensor([[1.0, 2.0]]))
+    assert model(input_ids=torch.tensor([[0, 60]])).logits.shape == (1, 2, 61)
+
+
+def test_from_pretrained_names_a_path_that_is_no_model_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {name: moh-dit-tiny-90}\n")  # a run without config.json
+    for path, message in [(tmp_path / "nope", "no such directory"), (tmp_path / "f", "it is a file"),
+                          (tmp_path / "run", "no config.json")]:
+        with pytest.raises(ValueError, match=message):
+            MoHForCausalLM.from_pretrained(path)
+
+
+def test_labels_outside_the_vocabulary_are_named(model):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="labels run from 1 to 999"):
+        model(input_ids=ids, labels=torch.tensor([[1, 2, 999]]))
+    assert torch.isfinite(model(input_ids=ids, labels=torch.tensor([[1, -100, 3]])).loss)
+
+
+def test_masks_generate_settings_and_save_paths_outside_their_domain_are_named(model, tmp_path):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        model(input_ids=ids, attention_mask=torch.tensor([[1, 2, 1]]))
+    for kw, message in [(dict(num_beams=0), "num_beams=0"), (dict(top_p=1.5, do_sample=True), "top_p=1.5"),
+                        (dict(temperature=float("nan"), do_sample=True), "temperature=nan")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, max_new_tokens=1, **kw)
+    assert model.generate(ids, max_new_tokens=1, do_sample=False).shape == (1, 4)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="it is a file"):
+        model.save_pretrained(tmp_path / "f")

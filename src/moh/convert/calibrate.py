@@ -158,6 +158,9 @@ def calibration_ids(text: str, tokenizer: Any, num_tokens: int, seq_len: int = 5
         ids, info = _corpus(text, tokenizer, need=max(num_tokens * 50, 1 << 20))
     if len(ids) < seq_len + 1:
         raise ValueError(f"calibration text {text!r} has {len(ids)} train tokens, fewer than --calib-seq {seq_len}")
+    if num_tokens > len(ids):
+        raise ValueError(f"--calib-tokens {num_tokens} is more than the {len(ids)} train tokens of calibration text "
+                         f"{text!r} (windows would repeat the same text); give at most {len(ids)}")
     count = math.ceil(num_tokens / seq_len)
     rng = np.random.default_rng(seed)
     starts = np.sort(rng.integers(0, len(ids) - seq_len + 1, size=count))

@@ -48,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moh.convert import convert
+    from moh.convert.convert import check_output
 
+    check_output(args.out, args.overwrite)  # before the work: a refused OUT would lose it
     conv = convert(args.src, heads=args.heads, layer_heads=args.layer_heads, shared=args.shared, router=args.router,
                    calibrate=args.calibrate, calib_tokens=args.calib_tokens, calib_seq=args.calib_seq,
                    ridge=args.ridge, backend=args.backend, gguf_file=args.gguf_file, dtype=args.dtype,

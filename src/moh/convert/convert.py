@@ -55,9 +55,7 @@ class Conversion:
 
         from moh.data.text._io import atomic_write_text
 
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise ValueError(f"output {str(out)!r} exists and is not empty (pass --overwrite to replace its files)")
+        out = check_output(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
         if self.tokenizer is not None:
@@ -65,6 +63,27 @@ class Conversion:
         self.report["output"] = str(out.resolve())
         atomic_write_text(out / "conversion.json", json.dumps(self.report, indent=1) + "\n")
         return out
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path when a model directory can be written there; ValueError naming it when
+    it is empty, a file or a symbolic link, not empty (unless ``overwrite``), or not writable.
+    Called before the conversion's work, and again by ``save``."""
+    import os
+
+    if not str(out).strip():
+        raise ValueError(f"output directory {str(out)!r} is empty; give a directory path")
+    out = Path(out)
+    if out.is_symlink():
+        raise ValueError(f"output {str(out)!r} is a symbolic link; refusing to write through it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {str(out)!r} is a file; give a directory path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output {str(out)!r} exists and is not empty (pass --overwrite to replace its files)")
+    parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output {str(out)!r}: {str(parent)!r} is not a writable directory")
+    return out
 
 
 def split_for(heads: str, layer_heads: Any, shared: Optional[int], depth: int, H: int, G: int) -> list[tuple[int, int]]:
@@ -94,6 +113,10 @@ def convert(src: str | Source, *, heads: str = "75%", layer_heads: Any = None, s
 
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}; valid choices: auto, {', '.join(DTYPES)}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size!r} must be a positive integer")
+    if not ridge >= 0 or ridge == float("inf"):
+        raise ValueError(f"--ridge {ridge!r} must be a finite number >= 0")
     BACKENDS.get(backend)
     t0 = time.perf_counter()
     source = src if isinstance(src, Source) else load_source(str(src), gguf_file=gguf_file)
@@ -287,4 +310,4 @@ def _router_init_text(router: str, calibrated: bool) -> str:
     return "none"
 
 
-__all__ = ["Conversion", "convert", "split_for", "TWO_STAGE_SPREAD"]
+__all__ = ["Conversion", "check_output", "convert", "split_for", "TWO_STAGE_SPREAD"]

@@ -73,14 +73,17 @@ def parse_layer_heads(spec: str | Sequence, depth: int, num_heads: int) -> list[
                     raise ValueError(f"--layer-heads {spec!r}: entry {part!r} must look like S:K (e.g. 3:4)")
                 entries.append([int(s), int(k)])
     else:
-        entries = [list(e) for e in spec]
+        entries = list(spec)
+    if not isinstance(entries, list) or not all(isinstance(e, (list, tuple)) for e in entries):
+        raise ValueError(f"--layer-heads {spec!r}: give S:K pairs, e.g. 3:4 or [[3, 4], [2, 5]]")
+    entries = [list(e) for e in entries]
     if len(entries) == 1:
         entries = entries * depth
     if len(entries) != depth:
         raise ValueError(f"--layer-heads has {len(entries)} entries; the model has {depth} layers (or give one S:K)")
     out = []
     for i, e in enumerate(entries):
-        if len(e) != 2 or not all(isinstance(v, int) and v >= 0 for v in e) or e[0] + e[1] < 1 or e[0] + e[1] > num_heads:
+        if len(e) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in e) or e[0] + e[1] < 1 or e[0] + e[1] > num_heads:
             raise ValueError(f"--layer-heads entry {i}={e!r}: need S:K with 1 <= S + K <= num_heads={num_heads}")
         out.append((int(e[0]), int(e[1])))
     return out

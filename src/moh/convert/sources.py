@@ -46,6 +46,8 @@ def _offline() -> list[str]:
 def resolve(src: str, gguf_file: Optional[str] = None) -> tuple[str, str, dict]:
     """(kind, where, load kwargs): kind "dir" | "gguf" | "hub"; ValueError naming ``src`` when it is
     none of them."""
+    if not str(src).strip():
+        raise ValueError(f"SRC {src!r} is empty; give a model directory, a .gguf file or a hub id")
     path = Path(src).expanduser()
     if gguf_file is not None:
         if not path.is_dir() or not (path / gguf_file).is_file():
@@ -136,9 +138,11 @@ def _load_run(where: str, dtype: torch.dtype) -> Source:
     if getattr(getattr(model, "config", None), "model_type", None) != "moh":
         raise ValueError(f"run {where!r} trained {cfg.model.name!r}, not a moh language model: nothing to convert")
     tokenizer = None
-    if cfg.model.name.startswith(HF_PREFIX):
+    # the run's own tokenizer (a language-model run saves it beside its weights), else its base model's
+    for tok_dir in [where] + ([cfg.model.name[len(HF_PREFIX):]] if cfg.model.name.startswith(HF_PREFIX) else []):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name[len(HF_PREFIX):])
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            break
         except (OSError, ValueError, TypeError):
             tokenizer = None
     info = {"kind": "run", "path": str(Path(where).resolve()), "model": cfg.model.name, "lora_merged": bool(cfg.model.lora),

@@ -316,7 +316,7 @@ def _ints(s: str) -> list[int]:
 
 def _ratios(s: str) -> list[float]:
     try:
-        vals = [float(v) / 100 if float(v) > 1 else float(v) for v in s.split(",") if v.strip()]
+        vals = [float(v) / 100 for v in s.split(",") if v.strip()]  # percents, always (1 is 1%, not 100%)
     except ValueError:
         raise ValueError(f"--ratios expects comma-separated percents like 50,75,100; got {s!r}") from None
     bad = [v for v in vals if not 0 < v <= 1]
@@ -383,7 +383,18 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     ROUTERS.get(args.router)  # raises naming the valid routers
     for name in ("dim", "heads", "head_dim", "repeats", "batch", "decode_layers"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+            flag = "batch-size" if name == "batch" else name.replace("_", "-")
+            raise ValueError(f"--{flag}={getattr(args, name)} must be positive")
+    if not args.backends:
+        raise ValueError("--backends is empty: name at least one backend (e.g. sparse,masked)")
+    if not (args.seq_lens or args.decode_contexts or args.train_seq_len):
+        raise ValueError("--seq-lens, --decode-contexts and --train-seq-len are all empty / 0: nothing to measure")
+    for r in args.ratios:  # a ratio is measured as a whole number of heads: refuse one it cannot be
+        split = head_split(args.heads, r)
+        if split is not None and abs(sum(split) / args.heads - r) >= 0.5 / args.heads - 1e-9:
+            raise ValueError(f"--ratios {100 * r:g}% cannot be measured with --heads {args.heads}: the nearest "
+                             f"split uses {sum(split)} of {args.heads} heads ({100 * sum(split) / args.heads:.1f}%; "
+                             f"{max(1, round(args.heads / 6))} shared + at least 1 routed)")
     try:
         dev = torch.device(args.device)
     except (RuntimeError, ValueError):

@@ -49,11 +49,17 @@ def run(args: argparse.Namespace) -> int:
     # where the result goes, checked before the work (a directory, a planted symlink, read-only)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{args.split}_{args.backend}.json"
     check_writable_file(out, "--out" if args.out else "result file")
+    if args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)  # checked creatable above; the writer does not create it
     from moh.eval.lm import is_language_model_dir, run_lm_eval
 
     if is_language_model_dir(args.run_dir):  # a language model: perplexity, heads per layer, lm-eval tasks
         return run_lm_eval(args, out)
     model, cfg = load_run(args.run_dir)
+    if getattr(getattr(model, "config", None), "model_type", None) == "moh":  # a language model, yet not seen as one
+        raise ValueError(f"{str(Path(args.run_dir) / 'config.json')!r} is missing, unreadable or not model_type "
+                         f"'moh', but the run trained the language model {cfg.model.name!r}: the run directory "
+                         f"is damaged (its perplexity is scored from config.json and model.safetensors)")
     from moh.models.dit import DiT
 
     if isinstance(model, DiT):  # a denoiser: domain FID and sampling throughput instead of top-1

@@ -340,6 +340,8 @@ def check_dit_args(args: argparse.Namespace, num_classes: int) -> list[str]:
     from moh.diffusion import check_sampling
 
     check_sampling(steps=args.steps, cfg_scale=args.cfg_scale)
+    if not args.cfg_scale < float("inf"):
+        raise ValueError(f"--cfg-scale={args.cfg_scale} must be a finite number >= 0")
     FEATURES.get(args.features)
     if args.num_samples < 2 or args.num_samples % num_classes:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 2 and a multiple of the {num_classes} classes")
@@ -368,6 +370,22 @@ def real_images(cfg, limit: int = 0) -> Tensor:
     return torch.stack([data[i]["images"] for i in range(n)])
 
 
+def _save_atomic(tensors: dict, path: Path) -> None:
+    """safetensors ``save_file`` through a new temporary file and a rename: a symbolic link
+    planted at ``path`` is replaced, never written through."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def run_dit_eval(args: argparse.Namespace, model, cfg) -> int:
     """``moh eval`` of a DiT run (called by ``moh.eval.classify.run``)."""
     from moh.core.attention import set_backend
@@ -376,8 +394,14 @@ def run_dit_eval(args: argparse.Namespace, model, cfg) -> int:
     from moh.train.checkpoint import atomic_write_text
     from moh.train.engine import evaluate
 
+    from moh.train.rundir import check_writable_file
+
     num_classes = model.cfg.num_classes
     backends = check_dit_args(args, num_classes)
+    # both outputs are checked before the work (a directory, a planted symbolic link, read-only)
+    out = Path(args.out) if getattr(args, "out", None) else Path(args.run_dir) / f"eval_fid_{args.features}.json"
+    check_writable_file(out, "--out" if getattr(args, "out", None) else "result file")
+    check_writable_file(out.with_suffix(".samples.safetensors"), "samples file")
     model.use_ema()
     set_backend(model, args.backend)
     extractor = FEATURES.get(args.features)(cfg, args)
@@ -400,9 +424,8 @@ def run_dit_eval(args: argparse.Namespace, model, cfg) -> int:
                   seed=args.seed, backend=args.backend, ema=True, generate_seconds=round(gen_seconds, 2),
                   denoise_loss=denoise.get("loss"), heads_active=denoise.get("heads_active"),
                   sampling_images_per_s={k: round(v, 3) for k, v in speed.items()}, threads=torch.get_num_threads())
-    out = Path(args.out) if getattr(args, "out", None) else Path(args.run_dir) / f"eval_fid_{extractor.name}.json"
     atomic_write_text(out, json.dumps(result, indent=1))
-    save_file({"pixels_NHWC": torch.from_numpy(pixels).contiguous()}, str(out.with_suffix(".samples.safetensors")))
+    _save_atomic({"pixels_NHWC": torch.from_numpy(pixels).contiguous()}, out.with_suffix(".samples.safetensors"))
     rates = "  ".join(f"{k} {v:.2f} img/s" for k, v in speed.items())
     print(f"{cfg.model.name}  {cfg.data.name}: {value:.3f} {extractor.label}; {len(fake)} generated "
           f"({args.scheduler} {args.steps} steps, cfg {args.cfg_scale:g}, EMA) vs {n_real} test images; "

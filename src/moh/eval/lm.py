@@ -128,6 +128,11 @@ def run_lm_eval(args: argparse.Namespace, out: Path) -> int:
     if data is None and not tasks:
         raise ValueError(f"{str(model_dir)!r} is a model directory, not a run: give --tokens DIR for perplexity "
                          f"and/or --tasks")
+    vocab = getattr(data, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > model.config.vocab_size:  # ids past the embedding: an IndexError later
+        raise ValueError(f"token data {getattr(data, 'root', args.tokens or model_dir)!s} uses {vocab} token ids; the "
+                         f"model in {str(model_dir)!r} has vocab_size={model.config.vocab_size} (tokenise with the "
+                         f"model's own tokenizer)")
     if data is not None and isinstance(getattr(data, "split", None), str):
         result["data_split"] = data.split  # the token file's split ("test" reads the validation tokens)
     t0 = time.perf_counter()

@@ -80,6 +80,8 @@ def generate(model, classes: Sequence[int], per_class: int, *, cfg_scale: float 
 
     c = model.cfg
     check_sampling(steps=steps, cfg_scale=cfg_scale, labels=list(classes), num_classes=c.num_classes)
+    if not math.isfinite(cfg_scale):  # inf: every image NaN, saved as black squares
+        raise ValueError(f"cfg scale={cfg_scale!r} must be a finite number >= 0")
     for name, v in (("per_class", per_class), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -148,7 +150,11 @@ def save_png(grid_HWC: np.ndarray, path: Path, scale: int = 1) -> Path:
     img = grid_HWC[..., 0] if grid_HWC.shape[-1] == 1 else grid_HWC
     if scale > 1:
         img = img.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(img).save(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # written beside and renamed: a planted symlink is replaced
+    tmp.unlink(missing_ok=True)
+    Image.fromarray(img).save(tmp, format="PNG")
+    tmp.replace(path)
     return path
 
 
@@ -196,6 +202,8 @@ def check_args(args: argparse.Namespace, num_classes: int) -> list[int]:
 
     classes = parse_classes(args.classes, num_classes)
     check_sampling(steps=args.steps, cfg_scale=args.cfg_scale)
+    if not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale={args.cfg_scale} must be a finite number >= 0")
     for name in ("per_class", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -216,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
                 cfg_scale=args.cfg_scale, steps=args.steps, scheduler=args.scheduler, seed=args.seed,
                 backend=args.backend, ema=not args.no_ema, seconds=round(seconds, 3),
                 images_per_s=round(len(x) / seconds, 3), threads=torch.get_num_threads())
-    (out / "samples.json").write_text(json.dumps(meta, indent=1))
+    from moh.train.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "samples.json", json.dumps(meta, indent=1))  # never through a planted symlink
     print(f"{cfg.model.name}: {len(x)} images ({len(classes)} classes x {args.per_class}), {args.scheduler} "
           f"{args.steps} steps, cfg {args.cfg_scale:g}, backend {args.backend}: {seconds:.1f}s "
           f"({len(x) / seconds:.2f} images/s) -> {out}")

@@ -95,6 +95,11 @@ class MoHLMConfig(PreTrainedConfig):
         aliases = {**self.attribute_map, **self.init_aliases}
         for alias in [k for k in kwargs if k in aliases]:  # MoHLMConfig(dim=64): before deriving
             setattr(self, aliases[alias], kwargs.pop(alias))
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                     "max_position_embeddings"):  # before head_dim is derived (num_attention_heads=0 divides by 0)
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.hidden_size % self.num_attention_heads == 0:

@@ -64,7 +64,14 @@ def strict_from_pretrained(load: Callable[..., Any], cls: type, path: Any, *args
     kwargs.setdefault("use_safetensors", True)
     kwargs["ignore_mismatched_sizes"] = True  # let transformers report them (in the info), then refuse them here
     local = Path(str(path))
+    if not local.is_dir() and (local.exists() or str(path).startswith(("/", ".", "~"))):
+        raise ValueError(f"cannot load a {cls.__name__} from {str(path)!r}: "
+                         f"{'it is a file' if local.exists() else 'no such directory'} (give a model directory)")
     if local.is_dir():
+        if (kwargs.get("config") is None and not kwargs.get("subfolder") and not kwargs.get("gguf_file")
+                and not (local / "config.json").is_file()):
+            raise ValueError(f"cannot load a {cls.__name__} from {str(path)!r}: no config.json (a moh model "
+                             f"directory is written by save_pretrained, moh convert or moh train)")
         if kwargs.get("config") is None:
             check_model_type(local / "config.json", cls.config_class.model_type)
         check_safetensors_files(local)

@@ -195,6 +195,21 @@ class MoHModel(MoHPreTrainedModel):
         past_key_values = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        # values are checked where that costs no device sync (CPU tensors, not while compiling): on an
+        # accelerator a bad id is the embedding's device-side assert, as in transformers' own models
+        check_values = (input_ids if input_ids is not None else inputs_embeds).device.type == "cpu" \
+            and not torch.compiler.is_compiling()
+        if input_ids is not None:  # named here, not an IndexError inside the embedding
+            if input_ids.dtype not in (torch.long, torch.int, torch.short, torch.uint8):
+                raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            if check_values and input_ids.numel() and (int(input_ids.min()) < 0
+                                                       or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(f"input_ids run from {int(input_ids.min())} to {int(input_ids.max())}; the model's "
+                                 f"token ids are 0 .. vocab_size - 1 = {self.config.vocab_size - 1}")
+        if check_values and attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.numel():
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):  # a 2 would count twice in positions
+                raise ValueError(f"attention_mask holds values other than 0 and 1: "
+                                 f"{sorted(set(attention_mask.unique().tolist()) - {0, 1})[:5]}")
         if output_attentions:
             raise ValueError("output_attentions=True: moh's attention backends never form the attention weights")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -281,6 +296,21 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' ``generate``; a search setting it would divide by (``num_beams=0``) or
+        accept silently (``top_p=1.5``) is a ValueError naming it first."""
+        check_generation_kwargs(kwargs)
+        return super().generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """transformers' ``save_pretrained``; a path that is a file is a ValueError (transformers
+        only logs it and returns, having written nothing)."""
+        from pathlib import Path
+
+        if Path(save_directory).is_file():
+            raise ValueError(f"save_pretrained({str(save_directory)!r}): it is a file; give a directory")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def forward(
         self,
         input_ids: Optional[Tensor] = None,
@@ -319,11 +349,32 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         return result
 
 
+def check_generation_kwargs(kw: dict) -> None:
+    """ValueError naming a ``generate`` keyword outside its domain (None: the default)."""
+    def given(name):
+        return kw.get(name) is not None
+
+    for name in ("num_beams", "num_return_sequences", "num_beam_groups"):
+        if given(name) and (not isinstance(kw[name], int) or isinstance(kw[name], bool) or kw[name] < 1):
+            raise ValueError(f"generate({name}={kw[name]!r}): must be an integer >= 1")
+    if given("top_p") and not (isinstance(kw["top_p"], (int, float)) and 0 < kw["top_p"] <= 1):
+        raise ValueError(f"generate(top_p={kw['top_p']!r}): must be in (0, 1]")
+    if given("top_k") and (not isinstance(kw["top_k"], int) or isinstance(kw["top_k"], bool) or kw["top_k"] < 0):
+        raise ValueError(f"generate(top_k={kw['top_k']!r}): must be an integer >= 0 (0: off)")
+    if given("temperature") and not (isinstance(kw["temperature"], (int, float)) and 0 <= kw["temperature"] < float("inf")):
+        raise ValueError(f"generate(temperature={kw['temperature']!r}): must be a finite number >= 0")
+
+
 def next_token_loss(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:
     """Mean cross-entropy of position t's logits against labels[t + 1], -100 ignored (float32)."""
     if labels_BT.shape != logits_BTV.shape[:2]:
         raise ValueError(f"labels have shape {tuple(labels_BT.shape)}, logits {tuple(logits_BTV.shape[:2])} positions")
     V = logits_BTV.shape[-1]
+    real = labels_BT[labels_BT != IGNORE_INDEX] if labels_BT.device.type == "cpu" and not torch.compiler.is_compiling() \
+        else labels_BT[:0]  # checked where that costs no device sync
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
+        raise ValueError(f"labels run from {int(real.min())} to {int(real.max())}; they must be token ids in "
+                         f"[0, {V}) or {IGNORE_INDEX} (no loss)")
     return F.cross_entropy(logits_BTV[:, :-1].reshape(-1, V).float(), labels_BT[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)
 

@@ -124,7 +124,7 @@ def load_model_dir(model_dir: str | Path, *, tokenizer: bool = True, **kwargs: A
     model is built (``read_model_config``, the tokenizer files, the weights' sha256 a run
     recorded); loading is strict (``MoHForCausalLM.from_pretrained``, through the Auto class
     moh.hf registers: this module does not import the modeling one). ``kwargs`` go to it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     d = Path(model_dir)
     read_model_config(d)
@@ -133,7 +133,9 @@ def load_model_dir(model_dir: str | Path, *, tokenizer: bool = True, **kwargs: A
                          f"save theirs; for another model directory save one with tokenizer.save_pretrained")
     check_recorded_sha256(d)
     model = AutoModelForCausalLM.from_pretrained(str(d), **kwargs).eval()  # MoHForCausalLM's strict loading
-    return model, (AutoTokenizer.from_pretrained(str(d)) if tokenizer else None)
+    from moh.data.text.tokenizer import auto_tokenizer  # damaged tokenizer files: a ValueError naming d
+
+    return model, (auto_tokenizer(d) if tokenizer else None)
 
 
 __all__ = ["load_model_dir", "read_model_config", "check_recorded_sha256", "save_run_files", "copy_tokenizer", "data_tokenizer_dir", "special_token_ids", "TOKENIZER_FILES"]

@@ -42,6 +42,23 @@ class HeadSpec:
     attn_dropout: float = 0.0
     aux_loss_coef: float = 0.01  # beta: loss = task loss + beta * load-balance loss (paper Eq. 8)
 
+    def check_sizes(self, *names: str) -> None:
+        """``ValueError`` naming the first of the int fields ``names`` (plus ``mlp_ratio`` > 0 and
+        dropout rates in [0, 1) where the config has them) that is out of range, then every
+        layer's ``MoHConfig`` built once: a bad head field is named before any weight exists."""
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        ratio = getattr(self, "mlp_ratio", 1.0)
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
+            raise ValueError(f"mlp_ratio={ratio!r} must be a number > 0")
+        for name in ("dropout", "drop_path", "attn_dropout"):
+            rate = getattr(self, name, 0.0)
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name}={rate!r} must be in [0, 1)")
+        self.attention_configs()
+
     def layer_configs(self, dim: int, depth: int, **fixed) -> list[MoHConfig]:
         """One ``MoHConfig`` per layer; ``fixed``: the family's own attention settings
         (causal, rope, biases, ...)."""

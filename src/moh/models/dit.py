@@ -66,6 +66,7 @@ class DiTConfig(HeadSpec):
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1]")
         if not 1 <= self.loss_buckets <= self.num_train_timesteps:
             raise ValueError(f"loss_buckets={self.loss_buckets} must be in [1, num_train_timesteps]")
+        self.check_sizes("in_chans", "dim")
 
     def attention_configs(self) -> list[MoHConfig]:
         return self.layer_configs(self.dim, self.depth, qkv_bias=True, out_bias=True)

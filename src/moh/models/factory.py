@@ -20,6 +20,8 @@ HF_PREFIX = "hf:"  # model name "hf:DIR": a saved moh model directory (moh conve
 def model_config(name: str, **overrides: Any):
     """The preset's config with ``overrides`` applied; unknown keys raise naming the key.
     ``hf:DIR``: the config of the moh model saved in DIR (``moh convert``'s output)."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string (a preset of moh.list_models() or hf:DIR), got {name!r}")
     if name.startswith(HF_PREFIX):
         from moh.hf.configuration import MoHLMConfig
 
@@ -47,6 +49,10 @@ _HEAD_SPLIT = {"num_shared", "num_shared_heads", "top_k", "top_k_heads", "layer_
 
 
 def _check_head_fraction(name: str, preset: Any, cfg: Any, overrides: dict) -> None:
+    ignored = sorted({"num_shared", "top_k"} & set(overrides))
+    if ignored and getattr(cfg, "layer_heads", None) is not None and "layer_heads" not in overrides:
+        raise ValueError(f"{name!r} sets its heads per layer (layer_heads={cfg.layer_heads}), so overriding {ignored} "
+                         f"would change nothing; override layer_heads instead (or set layer_heads=None)")
     if not _HEAD_COUNT & set(overrides) or _HEAD_SPLIT & set(overrides):
         return
     before, after = _active_fraction(preset), _active_fraction(cfg)
@@ -63,7 +69,7 @@ def _active_fraction(cfg: Any) -> float:
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """The preset's model (random initialisation), or for ``hf:DIR`` the saved model's weights."""
-    if name.startswith(HF_PREFIX):
+    if isinstance(name, str) and name.startswith(HF_PREFIX):
         from moh.hf.modeling import MoHForCausalLM
 
         return MoHForCausalLM.from_pretrained(_hf_dir(name), config=model_config(name, **overrides))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from moh.config import MoHConfig
 from moh.core.attention import MoHAttention
 from moh.layers.block import Block
+from moh.layers.embed import check_patch_grid
 from moh.layers.mlp import MLP
 from moh.models.base import HeadSpec, ModelOutput, finish_output
 from moh.models.factory import MODELS
@@ -36,10 +37,10 @@ class ViTConfig(HeadSpec):
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        check_patch_grid(self.image_size, self.patch_size)
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool={self.pool!r}; valid choices: ['cls', 'mean']")
+        self.check_sizes("in_chans", "num_classes", "dim")
 
     def attention_configs(self) -> list[MoHConfig]:
         return self.layer_configs(self.dim, self.depth, qkv_bias=True, out_bias=True)

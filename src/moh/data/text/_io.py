@@ -55,6 +55,19 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
+def check_out_dir(out_dir: str | Path, what: str) -> Path:
+    """``out_dir`` as a Path; ValueError naming it when it is empty (would mean the current
+    directory), a symbolic link, or exists and is not a directory."""
+    if not str(out_dir).strip():
+        raise ValueError(f"{what} {str(out_dir)!r} is empty; give a directory path")
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise ValueError(f"{what} {str(out_dir)!r} is a symbolic link; refusing to write through it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{what} {str(out_dir)!r} exists and is not a directory")
+    return out_dir
+
+
 def read_json(path: str | Path, what: str) -> dict:
     """A JSON object from ``path``; ValueError naming the file when it is missing or not JSON."""
     path = Path(path)

@@ -223,9 +223,9 @@ def build_tasks(corpus: Corpus, out_dir: str | Path, split: str = "heldout", rul
     check_split(split)
     if settings.max_context_tokens and tokenizer is None:
         raise ValueError(f"max_context_tokens={settings.max_context_tokens} needs a tokenizer (--tokenizer DIR)")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"tasks output {str(out_dir)!r} exists and is not a directory")
+    from moh.data.text._io import check_out_dir
+
+    out_dir = check_out_dir(out_dir, "tasks output")
     docs = sorted(corpus.split(split, rule), key=lambda d: d.id)
     if len(docs) < 2:
         raise ValueError(f"the {split!r} split of the corpus has {len(docs)} documents; the tasks need at least 2 "

@@ -63,10 +63,10 @@ def plain_config(bos: Optional[str], eos: Optional[str], pad: Optional[str], unk
     return {k: v for k, v in cfg.items() if v is not None}
 
 
-def _check_out(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"tokenizer output {str(out_dir)!r} exists and is not a directory")
-    return out_dir
+def _check_out(out_dir: str | Path) -> Path:
+    from moh.data.text._io import check_out_dir
+
+    return check_out_dir(out_dir, "tokenizer output")
 
 
 def train_tokenizer(corpus: Corpus, out_dir: str | Path, vocab_size: int, rule: SplitRule = SplitRule(),
@@ -78,7 +78,7 @@ def train_tokenizer(corpus: Corpus, out_dir: str | Path, vocab_size: int, rule: 
     check_vocab_size(vocab_size)
     if min_frequency < 1:
         raise ValueError(f"min_frequency={min_frequency} must be >= 1")
-    out_dir = _check_out(Path(out_dir))
+    out_dir = _check_out(out_dir)
     counts = {"documents": 0, "chars": 0}
 
     def train_texts() -> Iterator[str]:
@@ -112,9 +112,22 @@ def load_tokenizer(path: str | Path):
         raise ValueError(f"tokenizer {str(path)!r} has no {TOKENIZER_FILE}; make one with "
                          f"`moh data tokenizer --corpus CORPUS --vocab-size 8192 --out {path}` "
                          f"or `moh data tokenizer --from-pretrained MODEL_DIR_OR_GGUF --out {path}`")
+    return auto_tokenizer(path)
+
+
+def auto_tokenizer(path: str | Path, **kwargs):
+    """``AutoTokenizer.from_pretrained``; damaged files (not JSON, a vocabulary it cannot read) are
+    a ValueError naming the directory, not the parser's bare message."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (ValueError, OSError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"tokenizer {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own Exception type)
+        if type(e).__name__ != "Exception":
+            raise
+        raise ValueError(f"tokenizer {str(path)!r} cannot be read ({e})") from None
 
 
 def tokenizer_digest(path: str | Path) -> str:
@@ -156,7 +169,7 @@ def export_pretrained(src: str | Path, out_dir: str | Path, gguf_file: Optional[
 
     src = Path(src)
     directory, gguf = _resolve_pretrained(src, gguf_file)
-    out_dir = _check_out(Path(out_dir))
+    out_dir = _check_out(out_dir)
     tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(str(directory))
     if getattr(tok, "backend_tokenizer", None) is None:
         raise ValueError(f"{str(src)!r}: the tokenizer {type(tok).__name__} has no fast (tokenizers) backend to export")

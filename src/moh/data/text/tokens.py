@@ -125,9 +125,9 @@ def tokenize_corpus(corpus: Corpus, tokenizer_dir: str | Path, out_dir: str | Pa
     """Write ``out_dir/{train,val,heldout}.bin`` and ``meta.json`` (see the module doc); returns meta."""
     from moh.data.text.tokenizer import load_tokenizer, tokenizer_digest
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"token output {str(out_dir)!r} exists and is not a directory")
+    from moh.data.text._io import check_out_dir
+
+    out_dir = check_out_dir(out_dir, "token output")
     if batch_chars < 1:
         raise ValueError(f"batch_chars={batch_chars} must be >= 1")
     tok = load_tokenizer(tokenizer_dir)
