@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
