@@ -24,7 +24,7 @@ OUT=${OUT:-results/cpu-ceiling}
 MOH=${MOH:-.venv/bin/moh}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
-COMMON=(--backends sparse --ratios 50,75 --dim 768 --heads 12 --head-dim 64 --batch 1
+COMMON=(--backends sparse --ratios 50,75 --dim 768 --heads 12 --head-dim 64 --batch-size 1
         --repeats "$REPEATS" --warmup "$WARMUP")
 
 bench() {  # bench NAME ARGS...: one moh bench call, logged with the load before and after

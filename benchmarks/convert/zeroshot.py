@@ -31,8 +31,9 @@ if __name__ == "__main__":
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--backend", default="sparse")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     for m in a.models:
         model = AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval()
         if model.config.model_type == "moh":
