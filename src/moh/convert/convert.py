@@ -71,13 +71,9 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
     Called before the conversion's work, and again by ``save``."""
     import os
 
-    if not str(out).strip():
-        raise ValueError(f"output directory {str(out)!r} is empty; give a directory path")
-    out = Path(out)
-    if out.is_symlink():
-        raise ValueError(f"output {str(out)!r} is a symbolic link; refusing to write through it")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {str(out)!r} is a file; give a directory path")
+    from moh.data.text._io import check_out_dir
+
+    out = check_out_dir(out, "output")  # empty, a symbolic link, a file
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output {str(out)!r} exists and is not empty (pass --overwrite to replace its files)")
     parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)

@@ -57,14 +57,14 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def check_out_dir(out_dir: str | Path, what: str) -> Path:
     """``out_dir`` as a Path; ValueError naming it when it is empty (would mean the current
-    directory), a symbolic link, or exists and is not a directory."""
+    directory), a symbolic link, or a file."""
     if not str(out_dir).strip():
         raise ValueError(f"{what} {str(out_dir)!r} is empty; give a directory path")
     out_dir = Path(out_dir)
     if out_dir.is_symlink():
         raise ValueError(f"{what} {str(out_dir)!r} is a symbolic link; refusing to write through it")
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{what} {str(out_dir)!r} exists and is not a directory")
+        raise ValueError(f"{what} {str(out_dir)!r} is a file, not a directory")
     return out_dir
 
 
