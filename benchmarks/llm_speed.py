@@ -1,17 +1,22 @@
 """Whole-model speed of MoH language models, side by side in one run (random weights).
 
     python benchmarks/llm_speed.py [--models llm-s-mha,moh-llm-s-75,moh-llm-s-50] [--prefill 4096]
-        [--new-tokens 32] [--reps 3] [--threads 2] [--backend sparse] [--out results/llm_speed.json] [--quick]
+        [--new-tokens 8] [--decode-rounds 12] [--reps 3] [--threads 2] [--backend sparse]
+        [--out results/llm_speed.json] [--quick]
 
 * prefill: one forward of ``--prefill`` tokens (batch 1) that keeps the logits of the last position
   only (``logits_to_keep=1``), building the ``DynamicCache`` as generation does; median seconds.
-* decode: ``generate()`` (greedy) of ``--new-tokens`` tokens continuing from that prefill's
+* decode: ``generate()`` (greedy) of ``--new-tokens`` tokens continuing from a prefill's
   ``DynamicCache`` (so every step attends to at least ``--prefill`` cached positions); tokens/s
-  from the time between consecutive steps (a logits processor stamps each one). The models'
-  context is raised to prefill + new tokens for this (random weights: only the limit changes).
+  from the time between consecutive steps (a logits processor stamps each one). After each
+  round the cache is cropped back to the prefill, so ``--decode-rounds`` short rounds per model
+  alternate between the models (a decode step is memory bound: other jobs' use of the memory
+  bandwidth moves it, and fine interleaving gives every model the same share of that). The
+  models' context is raised to prefill + new tokens for this (random weights: only the limit
+  changes).
 
-Models are timed in turn within every repetition (the same machine load for all), the first
-repetition is a warm-up. ``--clock cpu`` measures the process's CPU time instead of wall time:
+Models are timed in turn within every repetition and round (the same machine load for all); the
+first prefill repetition and the first decode round are warm-ups. ``--clock cpu`` measures the process's CPU time instead of wall time:
 on a machine other jobs share, with ``--threads 1``, that is the time the work took, without the
 waits for a core (wall-clock ratios there swing with the load). Beside each measured ratio to the first model the script prints the
 ceiling an exact implementation could reach: the ratio of multiply-accumulates (prefill) and of
@@ -102,7 +107,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="llm-s-mha,moh-llm-s-75,moh-llm-s-50")
     p.add_argument("--prefill", type=int, default=4096, help="prefill tokens = decode context (default 4096)")
-    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per repetition (default 32)")
+    p.add_argument("--new-tokens", type=int, default=8, help="decode steps per round (default 8)")
+    p.add_argument("--decode-rounds", type=int, default=12, help="timed decode rounds per model after a warm-up "
+                   "(default 12)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up (default 3)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--backend", default="sparse")
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
     now = CLOCKS[args.clock]
     overrides = dict(backend=args.backend)
     if args.quick:
-        args.prefill, args.new_tokens, args.reps = 512, 8, 1
+        args.prefill, args.new_tokens, args.reps, args.decode_rounds = 512, 4, 1, 2
         overrides.update(depth=2, vocab_size=4096)
     overrides["max_position_embeddings"] = args.prefill + args.new_tokens + 1
     torch.set_num_threads(args.threads)
@@ -129,17 +136,26 @@ def main(argv=None) -> int:
     V = min(m.config.vocab_size for m in models.values())
     ids = torch.randint(0, V, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     times: dict[str, dict[str, list[float]]] = {n: {"prefill_s": [], "decode_tok_s": []} for n in names}
+    caches = {}
     with torch.inference_mode():
         for rep in range(args.reps + 1):
             for name, model in models.items():
+                caches.pop(name, None)
                 pre, cache, token = prefill(model, ids)
-                dec = decode_tokens_per_s(model, ids, cache, token, args.new_tokens)
-                del cache
+                caches[name] = (cache, token)
                 if rep:
                     times[name]["prefill_s"].append(pre)
+                print(f"rep {rep}{' (warm-up)' if not rep else ''}  {name:16s} prefill {pre:8.2f} s", flush=True)
+        for rnd in range(args.decode_rounds + 1):
+            for name, model in models.items():
+                cache, token = caches[name]
+                dec = decode_tokens_per_s(model, ids, cache, token, args.new_tokens)
+                cache.crop(args.prefill - cache.get_seq_length())  # back to the prefill: the same context next round
+                if rnd:
                     times[name]["decode_tok_s"].append(dec)
-                print(f"rep {rep}{' (warm-up)' if not rep else ''}  {name:16s} prefill {pre:8.2f} s  "
-                      f"decode {dec:7.2f} tok/s", flush=True)
+            print(f"round {rnd}{' (warm-up)' if not rnd else ''}  " + "  ".join(
+                f"{n} {times[n]['decode_tok_s'][-1]:.2f}" for n in names if rnd) + (" tok/s" if rnd else ""),
+                flush=True)
     rows, base = [], names[0]
     for name in names:
         cfg = models[name].config

@@ -71,7 +71,8 @@ class MoHCausalLMOutput(ModelOutput):
     logits:        (B, T, V) (the last ``logits_to_keep`` positions when that is set).
     router_logits: per layer, the router's probabilities over its routed heads (B, T, E) (None for
                    layers whose router has none, e.g. ``all``), with output_router_logits.
-    task_loss:     the next-token cross-entropy alone; metrics: name -> (sum, count).
+    task_loss:     the next-token cross-entropy alone; metrics: name -> (sum, count), with labels or
+                   in training (empty otherwise: not made per decoding step).
     """
 
     loss: Optional[Tensor] = None
@@ -300,6 +301,8 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
         """transformers' ``generate``; a search setting it would divide by (``num_beams=0``) or
         accept silently (``top_p=1.5``) is a ValueError naming it first."""
         check_generation_kwargs(kwargs)
+        # no balance loss per decoding step (generate never reads it); pass True to have it computed
+        kwargs.setdefault("output_router_logits", False)
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
@@ -345,7 +348,8 @@ class MoHForCausalLM(MoHPreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux, logits=logits, **{CACHE_NAME: output_cache(out)},
             hidden_states=out.hidden_states, router_logits=tuple(r.probs_BTE for r in out.routings) if routed else None,
             task_loss=task_loss, metrics={}, routings=out.routings, token_mask=out.token_mask)
-        result.metrics = standard_metrics(result, labels, logits.shape[0])
+        if labels is not None or self.training:  # what the engine reads; not per decoding step
+            result.metrics = standard_metrics(result, labels, logits.shape[0])
         return result
 
 

@@ -47,9 +47,7 @@ class SparseBackend:
         if T == 1 and device == "cuda" and tuning.triton and call.dropout_p == 0 and triton_available():
             return _decode_step(call, tuning)
         if T == 1 and call.dropout_p == 0:
-            if B > 1 and call.k.shape[2] >= tuning.decode_per_sequence_keys:
-                return _one_token_per_sequence(call)
-            return _one_token(call)
+            return _one_token(call, per_sequence=B > 1 and call.k.shape[2] >= tuning.decode_per_sequence_keys)
         counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
         plan = make_plan(counts, T=T, S=call.k.shape[2], D=call.q.x.shape[-1], causal=call.causal,
                          element_size=call.q.x.element_size(), threads=torch.get_num_threads(), tuning=tuning)
@@ -93,44 +91,52 @@ def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
     return call.out.dense(gated[:, None])
 
 
-def _one_token(call: AttentionCall) -> Tensor:
-    """One new token per sequence (a decode step): every head any sequence uses, by contiguous runs
-    of heads (weights and KV cache read as views, never copied; a head some sequences do not use
-    gets gate 0 there), with two matrix-vector products each. No plan, no row gathering: the step
-    is memory bound and short, so it is built from few operations. Reading only the used heads'
-    weight slices measured faster than one query and one output projection of all heads (2.25 vs
-    2.63 ms per layer at a 4k cache, 1 thread), and scores as q @ k^T faster than as k @ q."""
-    B, _, H = call.shape
-    used = call.routing.active_BTH[:, 0].any(0).tolist()  # (H,) heads any sequence uses
-    key_mask = None if call.key_mask is None else call.key_mask[:, :, None]  # (B, 1, 1, S): this query's keys
-    acc = call.out.start(B, 1)
-    for h0, h1 in runs([h for h in range(H) if used[h]]):
-        q = call.q.heads(h0, h1).transpose(1, 2) * call.scale  # (B, P, 1, hd)
-        k, v = kv_for_heads(call.k, call.v, list(range(h0, h1)), H)  # (B, P, S, hd)
-        scores = q.to(k.dtype) @ k.transpose(-1, -2)  # (B, P, 1, S)
-        head = masked_softmax(scores, key_mask).to(v.dtype) @ v  # (B, P, 1, hd)
-        acc.add_heads(h0, h1, head.transpose(1, 2), call.routing.gates_BTH[..., h0:h1])
-    return acc.finish()
+def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:
+    """One new token per sequence (a decode step): no plan, no row gathering; the step is memory
+    bound and short, so it is built from few operations, and keys/values are read as views of the
+    cache (never copied) by contiguous runs of heads.
 
-
-def _one_token_per_sequence(call: AttentionCall) -> Tensor:
-    """One new token per sequence for a batch, each sequence reading the KV cache of only its own
-    heads (``_one_token`` reads every head any sequence uses, for all of them): the queries of all
-    heads in one projection and the gated head outputs (zeros for unused heads) through one dense
-    output projection, both reading their weights once for the whole batch; attention by runs of
-    heads per sequence (views of the cache, never copied)."""
+    The heads read are those any sequence uses (a head some sequences do not use gets gate 0
+    there), or with ``per_sequence`` each sequence's own (a batch over a long cache, where reading
+    the union would read the cache of heads a sequence does not use). One run of heads reads only
+    its query and output weight slices; several runs take every head's query from one projection
+    and project the gated head outputs (zeros for unused heads) once: per run that leaves the
+    attention's four operations, where slices cost a projection, RoPE and an output product each
+    (measured faster from two runs on at D=768, 1 thread: RESULTS.md, issue 11). Scores as
+    q @ k^T (faster than k @ q)."""
     B, _, H = call.shape
-    used = call.routing.active_BTH[:, 0].tolist()  # (B, H)
-    q = call.q.heads(0, H).transpose(1, 2) * call.scale  # (B, H, 1, hd)
+    active = call.routing.active_BTH[:, 0]  # (B, H)
+    if per_sequence:
+        used = active.tolist()
+        groups = [(slice(b, b + 1), runs([h for h in range(H) if used[b][h]])) for b in range(B)]
+    else:
+        used_any = active.any(0).tolist()
+        groups = [(slice(None), runs([h for h in range(H) if used_any[h]]))]
+        if len(groups[0][1]) == 1:
+            return _one_run(call, *groups[0][1][0])
+    q = (call.q.heads(0, H) * call.scale).transpose(1, 2)  # (B, H, 1, hd)
     heads = q.new_zeros(B, H, 1, call.v.shape[-1])
-    for b in range(B):
-        key_mask = None if call.key_mask is None else call.key_mask[b : b + 1, :, None]  # (1, 1, 1, S)
-        for h0, h1 in runs([h for h in range(H) if used[b][h]]):
-            k, v = kv_for_heads(call.k[b : b + 1], call.v[b : b + 1], list(range(h0, h1)), H)  # (1, P, S, hd)
-            scores = q[b : b + 1, h0:h1].to(k.dtype) @ k.transpose(-1, -2)  # (1, P, 1, S)
-            heads[b : b + 1, h0:h1] = (masked_softmax(scores, key_mask).to(v.dtype) @ v).to(heads.dtype)
+    for rows, head_runs in groups:
+        key_mask = None if call.key_mask is None else call.key_mask[rows, :, None]  # (b, 1, 1, S)
+        for h0, h1 in head_runs:
+            k, v = kv_for_heads(call.k[rows], call.v[rows], list(range(h0, h1)), H)  # (b, P, S, hd) views
+            scores = q[rows, h0:h1].to(k.dtype) @ k.transpose(-1, -2)  # (b, P, 1, S)
+            heads[rows, h0:h1] = (masked_softmax(scores, key_mask).to(v.dtype) @ v).to(heads.dtype)
     gated = heads[:, :, 0] * call.routing.gates_BTH[:, 0, :, None].to(heads.dtype)  # (B, H, hd), 0: unused
     return call.out.dense(gated[:, None])
+
+
+def _one_run(call: AttentionCall, h0: int, h1: int) -> Tensor:
+    """A decode step whose sequences all use heads h0..h1-1 only (or a subset): their query and
+    output weight slices, two matrix-vector products."""
+    key_mask = None if call.key_mask is None else call.key_mask[:, :, None]  # (B, 1, 1, S): this query's keys
+    q = call.q.heads(h0, h1).transpose(1, 2) * call.scale  # (B, P, 1, hd)
+    k, v = kv_for_heads(call.k, call.v, list(range(h0, h1)), call.shape[2])  # (B, P, S, hd)
+    scores = q.to(k.dtype) @ k.transpose(-1, -2)  # (B, P, 1, S)
+    head = masked_softmax(scores, key_mask).to(v.dtype) @ v  # (B, P, 1, hd)
+    acc = call.out.start(call.shape[0], 1)
+    acc.add_heads(h0, h1, head.transpose(1, 2), call.routing.gates_BTH[..., h0:h1])
+    return acc.finish()
 
 
 def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor], row_mask: Optional[Tensor],
@@ -171,3 +177,4 @@ def _partial_heads(call: AttentionCall, rows, q: Tensor, pieces: Optional[tuple]
 
 
 BACKENDS.register("sparse")(SparseBackend())
+
