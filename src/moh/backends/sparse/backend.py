@@ -28,7 +28,7 @@ from torch import Tensor
 from moh.backends.base import BACKENDS, AttentionCall, masked_softmax
 from moh.backends.sparse.kernels import Attend, attend, triton_available
 from moh.backends.sparse.plan import make_plan, runs
-from moh.backends.sparse.rows import gather_rows, kv_for_heads, row_gates, rows_mask
+from moh.backends.sparse.rows import gather_rows, row_gates, rows_mask
 from moh.backends.sparse.tuning import SparseTuning, tuning_for
 
 
@@ -94,35 +94,41 @@ def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
 def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:
     """One new token per sequence (a decode step): no plan, no row gathering; the step is memory
     bound and short, so it is built from few operations, and keys/values are read as views of the
-    cache (never copied) by contiguous runs of heads.
+    cache (never copied).
 
     The heads read are those any sequence uses (a head some sequences do not use gets gate 0
     there), or with ``per_sequence`` each sequence's own (a batch over a long cache, where reading
-    the union would read the cache of heads a sequence does not use). One run of heads reads only
-    its query and output weight slices; several runs take every head's query from one projection
-    and project the gated head outputs (zeros for unused heads) once: per run that leaves the
-    attention's four operations, where slices cost a projection, RoPE and an output product each
-    (measured faster from two runs on at D=768, 1 thread: RESULTS.md, issue 11). Scores as
-    q @ k^T (faster than k @ q)."""
+    the union would read the cache of heads a sequence does not use). One contiguous run of heads
+    reads only its query and output weight slices. Otherwise every head's query comes from one
+    projection, attention runs over contiguous runs of the *key/value heads* any used head reads
+    (with grouped-query attention the query heads of a group are rows of one product against its
+    keys: reading the group's cache is the cost, its unused heads' rows are nearly free and gated
+    to 0), and the gated head outputs (zeros for unused heads) are projected once: a few
+    operations per run, where slices cost a projection, RoPE and an output product each
+    (measured faster from two runs on: RESULTS.md, issue 11). Scores as q @ k^T."""
     B, _, H = call.shape
+    G = call.k.shape[1]
+    r = H // G  # query heads per key/value head
     active = call.routing.active_BTH[:, 0]  # (B, H)
     if per_sequence:
         used = active.tolist()
-        groups = [(slice(b, b + 1), runs([h for h in range(H) if used[b][h]])) for b in range(B)]
+        groups = [(slice(b, b + 1), runs(sorted({h // r for h in range(H) if used[b][h]}))) for b in range(B)]
     else:
         used_any = active.any(0).tolist()
-        groups = [(slice(None), runs([h for h in range(H) if used_any[h]]))]
-        if len(groups[0][1]) == 1:
-            return _one_run(call, *groups[0][1][0])
-    q = (call.q.heads(0, H) * call.scale).transpose(1, 2)  # (B, H, 1, hd)
-    heads = q.new_zeros(B, H, 1, call.v.shape[-1])
-    for rows, head_runs in groups:
+        head_runs = runs([h for h in range(H) if used_any[h]])
+        if len(head_runs) == 1:
+            return _one_run(call, *head_runs[0])
+        groups = [(slice(None), runs(sorted({h // r for h in range(H) if used_any[h]})))]
+    hd = call.v.shape[-1]
+    q = (call.q.heads(0, H) * call.scale).reshape(B, G, r, -1)  # (B, 1, H, hd) -> the rows of each group
+    heads = q.new_zeros(B, G, r, hd)
+    for rows, group_runs in groups:
         key_mask = None if call.key_mask is None else call.key_mask[rows, :, None]  # (b, 1, 1, S)
-        for h0, h1 in head_runs:
-            k, v = kv_for_heads(call.k[rows], call.v[rows], list(range(h0, h1)), H)  # (b, P, S, hd) views
-            scores = q[rows, h0:h1].to(k.dtype) @ k.transpose(-1, -2)  # (b, P, 1, S)
-            heads[rows, h0:h1] = (masked_softmax(scores, key_mask).to(v.dtype) @ v).to(heads.dtype)
-    gated = heads[:, :, 0] * call.routing.gates_BTH[:, 0, :, None].to(heads.dtype)  # (B, H, hd), 0: unused
+        for g0, g1 in group_runs:
+            k, v = call.k[rows, g0:g1], call.v[rows, g0:g1]  # (b, n, S, hd) views of the cache
+            scores = q[rows, g0:g1].to(k.dtype) @ k.transpose(-1, -2)  # (b, n, r, S)
+            heads[rows, g0:g1] = (masked_softmax(scores, key_mask).to(v.dtype) @ v).to(heads.dtype)
+    gated = heads.view(B, H, hd) * call.routing.gates_BTH[:, 0, :, None].to(heads.dtype)  # 0: unused heads
     return call.out.dense(gated[:, None])
 
 
@@ -131,12 +137,39 @@ def _one_run(call: AttentionCall, h0: int, h1: int) -> Tensor:
     output weight slices, two matrix-vector products."""
     key_mask = None if call.key_mask is None else call.key_mask[:, :, None]  # (B, 1, 1, S): this query's keys
     q = call.q.heads(h0, h1).transpose(1, 2) * call.scale  # (B, P, 1, hd)
-    k, v = kv_for_heads(call.k, call.v, list(range(h0, h1)), call.shape[2])  # (B, P, S, hd)
-    scores = q.to(k.dtype) @ k.transpose(-1, -2)  # (B, P, 1, S)
-    head = masked_softmax(scores, key_mask).to(v.dtype) @ v  # (B, P, 1, hd)
+    head = _attend_run(q, call.k, call.v, h0, call.shape[2], key_mask)  # (B, P, 1, hd)
     acc = call.out.start(call.shape[0], 1)
     acc.add_heads(h0, h1, head.transpose(1, 2), call.routing.gates_BTH[..., h0:h1])
     return acc.finish()
+
+
+def _attend_run(q: Tensor, k: Tensor, v: Tensor, h0: int, H: int, key_mask: Optional[Tensor]) -> Tensor:
+    """One new query per sequence for heads h0..h0+P-1: q (B, P, 1, hd) scaled, keys/values of
+    all G key/value heads (B, G, S, hd) -> (B, P, 1, hd). The cache is only ever read through views:
+    with grouped-query attention the heads of one key/value head are query rows of one product
+    against it (whole groups at once, a group the run covers in part on its own), never a copy of
+    keys/values per query head."""
+    B, P, _, hd = q.shape
+    r = H // k.shape[1]  # query heads per key/value head
+
+    def attend(q_: Tensor, k_: Tensor, v_: Tensor) -> Tensor:  # (B, n, m, hd) against (B, n, S, hd)
+        scores = q_.to(k_.dtype) @ k_.transpose(-1, -2)  # (B, n, m, S)
+        return masked_softmax(scores, key_mask).to(v_.dtype) @ v_
+
+    if r == 1:
+        return attend(q, k[:, h0:h0 + P], v[:, h0:h0 + P])
+    pieces, h = [], h0
+    while h < h0 + P:
+        g = h // r
+        whole = (h0 + P - h) // r if h % r == 0 else 0  # whole groups from g on
+        if whole:
+            n, m, end = whole, r, h + whole * r
+        else:
+            n, m, end = 1, min(h0 + P, (g + 1) * r) - h, min(h0 + P, (g + 1) * r)
+        out = attend(q[:, h - h0:end - h0].reshape(B, n, m, hd), k[:, g:g + n], v[:, g:g + n])  # (B, n, m, hd)
+        pieces.append(out.reshape(B, n * m, 1, hd))
+        h = end
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
 def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor], row_mask: Optional[Tensor],
