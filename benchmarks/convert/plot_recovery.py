@@ -9,6 +9,7 @@ import argparse, json, math
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--start", nargs="+", required=True, help="eval_all.py JSON lines (step-0 values)")
@@ -40,6 +41,9 @@ for spec in a.run:
 ax.set_xlabel("tuning tokens (thousands)")
 ax.set_ylabel("validation perplexity (4k tokens)")
 ax.set_yscale("log")
+fmt = matplotlib.ticker.FormatStrFormatter("%g")  # plain numbers, not 2.1 x 10^1
+ax.yaxis.set_major_formatter(fmt)
+ax.yaxis.set_minor_formatter(fmt)
 ax.set_title("SmolLM2-135M -> MoH at 7 of 9 heads: recovery with LoRA")
 ax.legend(fontsize=8)
 ax.grid(alpha=0.3, which="both")

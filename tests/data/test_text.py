@@ -471,6 +471,34 @@ def test_tasks_are_deterministic_from_heldout_text_only(tmp_path, pipeline):
                     split="validation", rule=SplitRule(val_fraction=0.999))
 
 
+def test_next_sentence_items_have_their_own_cap_from_the_validation_split(tmp_path, capsys, pipeline):
+    def lines(path):
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    val = {d.id for d in pipeline["corpus"].split("validation", SplitRule())}
+    full = build_tasks(pipeline["corpus"], tmp_path / "all", "validation", settings=TaskSettings(min_context_words=8))
+    n_cloze, n_next = (full["tasks"][f"moh_{t}"]["items"] for t in ("cloze", "next_sentence"))
+    assert n_cloze > 3 and n_next > 5 and full["split"] == "validation"
+    info = build_tasks(pipeline["corpus"], tmp_path / "capped", "validation",
+                       settings=TaskSettings(min_context_words=8, max_items=3, max_next_sentence_items=5))
+    assert info["tasks"]["moh_cloze"]["items"] == 3 and info["tasks"]["moh_next_sentence"]["items"] == 5
+    nexts = lines(tmp_path / "capped" / "next_sentence.jsonl")
+    assert {it["id"] for it in nexts} <= {it["id"] for it in lines(tmp_path / "all" / "next_sentence.jsonl")}
+    assert all(it["doc_id"] in val for it in nexts + lines(tmp_path / "capped" / "cloze.jsonl"))
+    both = build_tasks(pipeline["corpus"], tmp_path / "both", "validation", settings=TaskSettings(min_context_words=8, max_items=3))
+    assert both["tasks"]["moh_next_sentence"]["items"] == 3  # default: --max-items caps both tasks
+    uncapped = build_tasks(pipeline["corpus"], tmp_path / "u", "validation",
+                           settings=TaskSettings(min_context_words=8, max_items=3, max_next_sentence_items=0))
+    assert uncapped["tasks"]["moh_next_sentence"]["items"] == n_next  # 0: every item
+    with pytest.raises(ValueError, match="max_next_sentence_items=-1"):
+        TaskSettings(max_next_sentence_items=-1)
+    corpus = str(write_corpus(tmp_path / "c", pipeline["docs"]))
+    assert moh_main(["data", "tasks", "--corpus", corpus, "--split", "validation", "--out", str(tmp_path / "cli"),
+                     "--max-items", "2", "--max-next-sentence-items", "4"]) == 0
+    capsys.readouterr()
+    assert len(lines(tmp_path / "cli" / "cloze.jsonl")) <= 2 and len(lines(tmp_path / "cli" / "next_sentence.jsonl")) == 4
+
+
 LM_EVAL_SCRIPT = """
 import json, sys, torch, lm_eval
 from lm_eval.tasks import TaskManager

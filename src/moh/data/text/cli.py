@@ -61,6 +61,8 @@ def add_subcommands(sub) -> None:
     a.add_argument("--max-context-tokens", type=int, default=0, help="cap on context tokens (0: none; needs --tokenizer)")
     a.add_argument("--max-context-chars", type=int, default=2000, help="cap on context characters (default: 2000)")
     a.add_argument("--max-items", type=int, default=0, help="items per task at most (0: all)")
+    a.add_argument("--max-next-sentence-items", type=int, default=None,
+                   help="next-sentence items at most (default: --max-items; 0: all); each costs 4 scorings, a cloze item 1")
     a.add_argument("--seed", type=int, default=0, help="seed of the distractor draws (default: 0)")
     a.add_argument("--prefix", default="moh", help="task name prefix (default: moh -> moh_cloze, moh_next_sentence)")
 
@@ -134,7 +136,8 @@ def _tasks(args) -> int:
     from moh.data.text.tokenizer import load_tokenizer
 
     settings = TaskSettings(seed=args.seed, prefix=args.prefix, max_context_chars=args.max_context_chars,
-                            max_context_tokens=args.max_context_tokens, max_items=args.max_items)
+                            max_context_tokens=args.max_context_tokens, max_items=args.max_items,
+                            max_next_sentence_items=args.max_next_sentence_items)
     corpus, rule = _open(args)
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     info = build_tasks(corpus, args.out, args.split, rule, settings, tok)

@@ -73,6 +73,7 @@ class TaskSettings:
     min_sentence_words: int = 4
     max_sentence_words: int = 60
     max_items: int = 0  # per task, 0 = all
+    max_next_sentence_items: Optional[int] = None  # next-sentence items at most; None: max_items (each item costs 4 scorings)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.prefix):
@@ -82,6 +83,8 @@ class TaskSettings:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_context_tokens < 0 or self.max_items < 0:
             raise ValueError(f"max_context_tokens={self.max_context_tokens} and max_items={self.max_items} must be >= 0")
+        if self.max_next_sentence_items is not None and self.max_next_sentence_items < 0:
+            raise ValueError(f"max_next_sentence_items={self.max_next_sentence_items} must be >= 0 (or None: max_items)")
 
 
 def _fit_context(sentences: Sequence[str], partial: str, settings: TaskSettings,
@@ -232,7 +235,8 @@ def build_tasks(corpus: Corpus, out_dir: str | Path, split: str = "heldout", rul
                          f"(a fetched corpus has a heldout split; for plain text pass --split validation)")
     count = _token_counter(tokenizer) if settings.max_context_tokens else None
     cloze = _subsample(cloze_items(docs, settings, count), settings.max_items, settings.seed)
-    nexts = _subsample(next_sentence_items(docs, settings, count), settings.max_items, settings.seed)
+    max_next = settings.max_items if settings.max_next_sentence_items is None else settings.max_next_sentence_items
+    nexts = _subsample(next_sentence_items(docs, settings, count), max_next, settings.seed)
     if not cloze or not nexts:
         raise ValueError(f"the {split!r} split gave {len(cloze)} cloze and {len(nexts)} next-sentence items; "
                          f"it needs longer documents (or lower --min-context-words)")
