@@ -99,7 +99,7 @@ def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:
     The heads read are those any sequence uses (a head some sequences do not use gets gate 0
     there), or with ``per_sequence`` each sequence's own (a batch over a long cache, where reading
     the union would read the cache of heads a sequence does not use). One contiguous run of heads
-    reads only its query and output weight slices. Otherwise every head's query comes from one
+    (of whole key/value groups) reads only its query and output weight slices. Otherwise every head's query comes from one
     projection, attention runs over contiguous runs of the *key/value heads* any used head reads
     (with grouped-query attention the query heads of a group are rows of one product against its
     keys: reading the group's cache is the cost, its unused heads' rows are nearly free and gated
@@ -116,7 +116,7 @@ def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:
     else:
         used_any = active.any(0).tolist()
         head_runs = runs([h for h in range(H) if used_any[h]])
-        if len(head_runs) == 1:
+        if len(head_runs) == 1 and head_runs[0][0] % r == 0 and head_runs[0][1] % r == 0:  # whole groups
             return _one_run(call, *head_runs[0])
         groups = [(slice(None), runs(sorted({h // r for h in range(H) if used_any[h]})))]
     hd = call.v.shape[-1]
@@ -133,43 +133,19 @@ def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:
 
 
 def _one_run(call: AttentionCall, h0: int, h1: int) -> Tensor:
-    """A decode step whose sequences all use heads h0..h1-1 only (or a subset): their query and
-    output weight slices, two matrix-vector products."""
+    """A decode step whose sequences all use heads h0..h1-1 only (or a subset), whole key/value
+    groups: their query and output weight slices, two matrix-vector products per group of rows."""
+    B, _, H = call.shape
+    G = call.k.shape[1]
+    r = H // G
     key_mask = None if call.key_mask is None else call.key_mask[:, :, None]  # (B, 1, 1, S): this query's keys
-    q = call.q.heads(h0, h1).transpose(1, 2) * call.scale  # (B, P, 1, hd)
-    head = _attend_run(q, call.k, call.v, h0, call.shape[2], key_mask)  # (B, P, 1, hd)
-    acc = call.out.start(call.shape[0], 1)
-    acc.add_heads(h0, h1, head.transpose(1, 2), call.routing.gates_BTH[..., h0:h1])
+    q = (call.q.heads(h0, h1) * call.scale).reshape(B, (h1 - h0) // r, r, -1)  # (B, groups, r, hd)
+    k, v = call.k[:, h0 // r:h1 // r], call.v[:, h0 // r:h1 // r]  # (B, groups, S, hd) views
+    scores = q.to(k.dtype) @ k.transpose(-1, -2)  # (B, groups, r, S)
+    head = (masked_softmax(scores, key_mask).to(v.dtype) @ v).reshape(B, 1, h1 - h0, -1)  # (B, 1, P, hd)
+    acc = call.out.start(B, 1)
+    acc.add_heads(h0, h1, head, call.routing.gates_BTH[..., h0:h1])
     return acc.finish()
-
-
-def _attend_run(q: Tensor, k: Tensor, v: Tensor, h0: int, H: int, key_mask: Optional[Tensor]) -> Tensor:
-    """One new query per sequence for heads h0..h0+P-1: q (B, P, 1, hd) scaled, keys/values of
-    all G key/value heads (B, G, S, hd) -> (B, P, 1, hd). The cache is only ever read through views:
-    with grouped-query attention the heads of one key/value head are query rows of one product
-    against it (whole groups at once, a group the run covers in part on its own), never a copy of
-    keys/values per query head."""
-    B, P, _, hd = q.shape
-    r = H // k.shape[1]  # query heads per key/value head
-
-    def attend(q_: Tensor, k_: Tensor, v_: Tensor) -> Tensor:  # (B, n, m, hd) against (B, n, S, hd)
-        scores = q_.to(k_.dtype) @ k_.transpose(-1, -2)  # (B, n, m, S)
-        return masked_softmax(scores, key_mask).to(v_.dtype) @ v_
-
-    if r == 1:
-        return attend(q, k[:, h0:h0 + P], v[:, h0:h0 + P])
-    pieces, h = [], h0
-    while h < h0 + P:
-        g = h // r
-        whole = (h0 + P - h) // r if h % r == 0 else 0  # whole groups from g on
-        if whole:
-            n, m, end = whole, r, h + whole * r
-        else:
-            n, m, end = 1, min(h0 + P, (g + 1) * r) - h, min(h0 + P, (g + 1) * r)
-        out = attend(q[:, h - h0:end - h0].reshape(B, n, m, hd), k[:, g:g + n], v[:, g:g + n])  # (B, n, m, hd)
-        pieces.append(out.reshape(B, n * m, 1, hd))
-        h = end
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
 def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor], row_mask: Optional[Tensor],
