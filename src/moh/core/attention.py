@@ -82,12 +82,10 @@ class MoHAttention(nn.Module):
         key_mask = normalize_mask(attention_mask, B, T, past + T)
         if cache is not None:
             cache.check(B, cfg.num_kv_heads, cfg.head_dim)
-        cos_sin = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None  # (B, T, hd) each
-        k, v = self._keys_values(x, cos_sin)
+        k, v = self._keys_values(x, positions)
         if cache is not None:
             k, v = cache.update(k, v)
-        q = QueryProjection(self.q_proj, x, positions, cfg.num_heads, cfg.head_dim, self.q_norm, self.rotary,
-                            token_cos_sin=cos_sin)
+        q = QueryProjection(self.q_proj, x, positions, cfg.num_heads, cfg.head_dim, self.q_norm, self.rotary)
         routing = self.router(x, q.raw)  # q.raw: the full query projection, made only if a router asks
         out = OutputProjection(self.o_proj, cfg.num_heads, cfg.head_dim)
         if B == 0 or T == 0:  # nothing to attend: the output projection's bias (or zeros)
@@ -98,18 +96,17 @@ class MoHAttention(nn.Module):
         )
         return MoHOutput(BACKENDS.get(cfg.backend)(call), routing)
 
-    def _keys_values(self, x: Tensor, cos_sin: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        """Keys and values of the new tokens, (B, G, T, hd), keys after qk-norm and RoPE
-        (``cos_sin``: the tokens' (B, T, hd) RoPE factors, None without RoPE)."""
+    def _keys_values(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the new tokens, (B, G, T, hd), keys after qk-norm and RoPE."""
         B, T, _ = x.shape
         G, hd = self.cfg.num_kv_heads, self.cfg.head_dim
         k = self.k_proj(x).view(B, T, G, hd)
         v = self.v_proj(x).view(B, T, G, hd)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        if cos_sin is not None:
-            cos, sin = cos_sin
-            k = apply_rope(k, cos.unsqueeze(-2).to(k.dtype), sin.unsqueeze(-2).to(k.dtype))
+        if self.rotary is not None:
+            cos, sin = self.rotary.cos_sin(positions, k.dtype)
+            k = apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2))
         return k.transpose(1, 2), v.transpose(1, 2)
 
 

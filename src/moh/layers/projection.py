@@ -44,19 +44,15 @@ class QueryProjection:
 
     ``raw()`` is the full projection (B, T, H, hd) before qk-norm/RoPE, made at most once (the
     ``query_norm`` router asks for it; once made, every query a backend asks for is a slice of
-    it instead of a new projection). ``has_raw`` tells whether it was made. ``token_cos_sin``: the
-    RoPE factors (B, T, hd) of ``positions_BT`` when the caller has them (the keys' own); made once
-    otherwise, and shared by every ``heads`` call (a decode step asks once per run of heads)."""
+    it instead of a new projection). ``has_raw`` tells whether it was made."""
 
     def __init__(self, q_proj: nn.Module, x_BTD: Tensor, positions_BT: Tensor, num_heads: int, head_dim: int,
-                 q_norm: Optional[nn.Module] = None, rotary: Optional[nn.Module] = None,
-                 token_cos_sin: Optional[tuple[Tensor, Tensor]] = None):
+                 q_norm: Optional[nn.Module] = None, rotary: Optional[nn.Module] = None):
         self.proj, self.x, self.positions = q_proj, x_BTD, positions_BT
         self.num_heads, self.head_dim = num_heads, head_dim
         self.q_norm, self.rotary = q_norm, rotary
         self.sliceable = sliceable(q_proj)
         self._raw: Optional[Tensor] = None
-        self._token_cos_sin = token_cos_sin
 
     @property
     def has_raw(self) -> bool:
@@ -82,10 +78,9 @@ class QueryProjection:
             q = self.q_norm(q)
         if self.rotary is None:
             return q
-        if self._token_cos_sin is None:
-            self._token_cos_sin = self.rotary.cos_sin(self.positions, q.dtype)
-        cos, sin = self._token_cos_sin
-        return apply_rope(q, cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype))
+        # the tokens' own positions tensor, as the keys': RotaryEmbedding.cos_sin reuses its factors
+        cos, sin = self.rotary.cos_sin(self.positions, q.dtype)
+        return apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
     def rows(self, heads: list[int], tokens_BPM: Tensor, positions_BPM: Tensor) -> Tensor:
         """Queries of head ``heads[p]`` for tokens ``tokens_BPM[b, p]`` (indices within item b)

@@ -99,8 +99,8 @@ def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:
     The heads read are those any sequence uses (a head some sequences do not use gets gate 0
     there), or with ``per_sequence`` each sequence's own (a batch over a long cache, where reading
     the union would read the cache of heads a sequence does not use). One contiguous run of heads
-    (of whole key/value groups) reads only its query and output weight slices. Otherwise every head's query comes from one
-    projection, attention runs over contiguous runs of the *key/value heads* any used head reads
+    (of whole key/value groups) reads only its query and output weight slices. Otherwise every
+    head's query comes from one projection, attention runs over contiguous runs of the *key/value heads* any used head reads
     (with grouped-query attention the query heads of a group are rows of one product against its
     keys: reading the group's cache is the cost, its unused heads' rows are nearly free and gated
     to 0), and the gated head outputs (zeros for unused heads) are projected once: a few
@@ -186,4 +186,3 @@ def _partial_heads(call: AttentionCall, rows, q: Tensor, pieces: Optional[tuple]
 
 
 BACKENDS.register("sparse")(SparseBackend())
-
