@@ -111,3 +111,21 @@ def test_bench_values_it_cannot_measure_are_one_error(tmp_path, capsys, args, me
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "x.json").exists()
+
+
+def test_peak_bytes_is_the_calls_own_peak():
+    """The peak above the call's start: what an earlier measured call left alive does not count
+    (the profiler's running total does include it), and memory freed inside the call is subtracted."""
+    from moh.eval.bench import peak_bytes
+
+    mb = 2**20
+    kept: list = []
+    held = peak_bytes(lambda: kept.append(torch.ones(6 * mb // 4)))  # 6 MB, alive afterwards
+
+    def temporaries():
+        for _ in range(3):  # 2 MB at a time, each freed before the next
+            torch.ones(2 * mb // 4).sum()
+
+    later = peak_bytes(temporaries)
+    assert 6 * mb <= held < 7 * mb
+    assert 2 * mb <= later < 3 * mb  # not 6 MB + 2 MB, not 3 x 2 MB

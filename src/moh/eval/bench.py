@@ -140,17 +140,22 @@ class Row:
 
 
 def _make_call(layers: list[nn.Module], kind: str, x: Tensor, ctx: Optional[Tensor], is_moh: bool):
-    """A zero-argument callable running one case; returns (call, active fraction). ``forward`` and
-    ``train`` use ``layers[0]``; ``decode`` steps every layer of the stack, each with its own cache."""
+    """A zero-argument callable running one case; returns (call, active) where ``active()`` is the
+    fraction of (token, head) pairs the last call computed (1.0 for dense layers). ``forward`` and
+    ``train`` use ``layers[0]``; ``decode`` steps every layer of the stack, each with its own cache.
+    The fraction is read after timing: counting it (a host sync) is no part of a layer's cost."""
     from moh.core.cache import KVCache
     from moh.core.routing import load_balance_loss
 
-    active = [1.0]
+    last: list = [None]  # the routing of the last MoH call
+
+    def active() -> float:
+        return 1.0 if last[0] is None else last[0].active_fraction()
 
     def run(layer, inp, cache=None):
         out = layer(inp, cache=cache)
         if is_moh:
-            active[0] = out.routing.active_fraction()
+            last[0] = out.routing
             return out.output, out.routing
         return out, None
 
@@ -215,8 +220,15 @@ def peak_bytes(fn: Callable[[], None], device: str = "cpu") -> int:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
         events = json.loads(Path(path).read_text())["traceEvents"]
-    totals = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"]
-    return max(totals, default=0)
+    # the running sum of what the call allocates and frees: the profiler's own "Total Allocated"
+    # also counts what earlier profiled calls left alive (another candidate's gradients: +9 to +27 MB
+    # on one run's later rows), so it is not a level above this call's start
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    level = peak = 0
+    for e in memory:
+        level += e["args"].get("Bytes", 0)
+        peak = max(peak, level)
+    return peak
 
 
 def _cache_flusher(megabytes: int) -> Optional[Callable[[], None]]:
@@ -278,7 +290,7 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
         layers = [make().to(dev, dtype) for _ in range(depth)]
         calls[key], actives[key] = _make_call(layers, kind, x, ctx, is_moh=key[0] not in ("sdpa", "ideal"))
         if key[0] == "ideal":
-            actives[key] = [layers[0].p / H]
+            actives[key] = lambda p=layers[0].p: p / H
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if dev.type == "cuda":
         def clock(dev=dev):  # the kernels queued so far have finished
@@ -289,7 +301,7 @@ def run_case(args, kind: str, seq_len: int, causal: bool) -> list[Row]:
     for key, ts in times.items():
         peak = peak_bytes(calls[key], args.device) / 2**20
         ts = [t / depth for t in ts]  # decode: per layer of the stack
-        rows.append(Row(kind, seq_len, causal, key[0], key[1], actives[key][0], statistics.median(ts),
+        rows.append(Row(kind, seq_len, causal, key[0], key[1], actives[key](), statistics.median(ts),
                         [round(t, 3) for t in ts], round(peak, 2)))
     base = next(r.ms for r in rows if r.backend == "sdpa")
     full = {r.backend: r.ms for r in rows if r.ratio >= 1.0}
