@@ -1,7 +1,7 @@
 """Micro-benchmark of the pieces the sparse backend is built from, side by side, to show where
 the time of one MoH layer goes and why the backend is built the way it is.
 
-    python benchmarks/kernels.py [--n 2048] [--rows 840] [--threads 1]
+    python benchmarks/kernel_rates.py [--n 2048] [--rows 840] [--threads 1] [--flex]
 
 With --threads 1 it reports process CPU time (robust when other jobs share the machine);
 otherwise wall time. Every line is the median of interleaved repeats; ratios are relative to
@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--flex", action="store_true",
+                   help="also torch.compile'd flex_attention with a block mask of the rows' horizons (compiles ~10 s)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     clock = time.process_time if a.threads == 1 else time.perf_counter
@@ -90,6 +92,14 @@ def main() -> None:
             "gathered causal: SDPA + bool mask, blocks 256": lambda: sdpa_masked(256),
         },
     }
+    if a.flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        horizon = idx[None, None]  # (1, 1, M) key index of every gathered row
+        block_mask = create_block_mask(lambda b, h, qi, ki: ki <= horizon[b, h, qi], 1, 1, M, N, device="cpu")
+        flex = torch.compile(flex_attention)
+        groups[f"attention, one head: all {N} rows vs {M} gathered rows"]["gathered causal: compiled flex_attention"] = \
+            lambda: flex(qr, k, v, block_mask=block_mask, scale=hd**-0.5)
     with torch.no_grad():
         timed(groups, a.repeats, clock)
         rates(N, D, hd, a.repeats, clock)
