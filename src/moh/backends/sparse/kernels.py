@@ -15,6 +15,8 @@ rows that may attend to no key give exactly 0 (as ``masked_softmax`` in the refe
     mask "causal_rows" (gathered rows or a cache offset) / "causal_padding" (with key padding)
         CUDA, ``tuning.triton``, no dropout
                                   -> "triton_rows" moh's Triton kernel (``triton_kernels``)
+        mask "causal_rows", CPU, fp32, no dropout, ``tuning.cpu_rows`` and the kernel builds
+                                  -> "cpu_rows"   moh's C++ CPU kernel (``cpu_kernels``)
         mask "causal_rows", CPU, fp32, no dropout
                                   -> "flash_rows" torch's fused CPU flash kernel per row block
     anything else causal          -> "blocks"     a hand-written blocked kernel (portable; the
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moh.backends.base import masked_softmax
+from moh.backends.sparse import cpu_kernels
 from moh.backends.sparse.rows import kv_for_heads
 from moh.backends.sparse.tuning import SparseTuning
 
@@ -92,8 +95,11 @@ def choose_kernel(device: str, dtype: torch.dtype, mask: str, rows: int, keys: i
     if mask in ("causal_rows", "causal_padding") and device == "cuda" and tuning.triton and not dropout \
             and triton_available():
         return "triton_rows"
-    if mask == "causal_rows" and not dropout and dtype == torch.float32 and device == "cpu" and tuning.cpu_flash:
-        return "flash_rows"
+    if mask == "causal_rows" and not dropout and dtype == torch.float32 and device == "cpu":
+        if tuning.cpu_rows and cpu_kernels.available():
+            return "cpu_rows"
+        if tuning.cpu_flash:
+            return "flash_rows"
     return "blocks"
 
 
@@ -144,6 +150,12 @@ def _flash_rows(job: Attend, tuning: SparseTuning) -> Tensor:
     return causal_flash(job.q, job.k, job.v, job.qpos, job.scale, tuning.flash_grid, tuning.flash_block)
 
 
+def _cpu_rows(job: Attend, tuning: SparseTuning) -> Tensor:
+    dtype = job.q.dtype  # one dtype for the kernel (autocast may leave keys in another)
+    return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), job.qpos, job.scale, tuning.rows_block,
+                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk)
+
+
 def _blocks(job: Attend, tuning: SparseTuning) -> Tensor:
     return causal_blocks(job, tuning.row_block)
 
@@ -161,7 +173,8 @@ def _triton_rows(job: Attend, tuning: SparseTuning) -> Tensor:
 
 
 KERNELS: dict[str, Callable[[Attend, SparseTuning], Tensor]] = {
-    "matmul": _matmul, "sdpa": _sdpa, "sdpa_causal": _sdpa_causal, "flash_rows": _flash_rows, "blocks": _blocks,
+    "matmul": _matmul, "sdpa": _sdpa, "sdpa_causal": _sdpa_causal, "flash_rows": _flash_rows, "cpu_rows": _cpu_rows,
+    "blocks": _blocks,
     "triton_rows": _triton_rows,
 }
 

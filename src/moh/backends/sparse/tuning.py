@@ -45,6 +45,17 @@ class SparseTuning:
     # D=768, 12 heads, 50%, B=8, 1 thread, ms per layer, union / per sequence (SDPA): 256 keys
     # 3.81 / 4.34 (3.22), 512: 5.19 / 5.00 (4.58), 1024: 5.76 / 4.60 (5.16), 4096: 38.1 / 13.5 (22.8)
     decode_per_sequence_keys: int = 512
+    # moh's C++ kernel for gathered causal rows on CPU (moh.backends.sparse.cpu_kernels; built on
+    # first use, torch's kernels below if it cannot be). One head x 840 of 2048 rows, hd=64, 1
+    # thread, Intel Xeon (AVX-512) VM: forward 2.0 ms, forward+backward 6.4 ms, against 3.8 / 12.6
+    # for the flash rows below and 2.1 / 7.1 for the same pairs inside SDPA's dense causal kernel
+    cpu_rows: bool = True
+    # its rows per block (64 / 128 / 256: forward 2.1 / 2.0 / 2.0 ms, training 6.6 / 6.4 / 6.4),
+    # keys per chunk that every row of a block sees (unmasked), and per chunk of the diagonal
+    # (32 / 64 / 128: 2.0 / 2.0 / 2.0 ms)
+    rows_block: int = 128
+    rows_key_chunk: int = 512
+    rows_diagonal_chunk: int = 64
     # torch's fused CPU flash kernel for gathered causal rows (exists for CPU tensors only)
     cpu_flash: bool = True
     # SDPA takes a boolean mask and returns 0 for rows that see no key (torch's CPU kernels do);
@@ -58,7 +69,8 @@ class SparseTuning:
     triton_tuning: Optional[Any] = None
 
     def __post_init__(self) -> None:
-        for name in ("row_block", "chunk_bytes", "flash_block", "flash_grid", "few_rows"):
+        for name in ("row_block", "chunk_bytes", "flash_block", "flash_grid", "few_rows", "rows_block",
+                     "rows_key_chunk", "rows_diagonal_chunk"):
             if getattr(self, name) < (0 if name == "few_rows" else 1):
                 raise ValueError(f"SparseTuning.{name}={getattr(self, name)} must be positive")
 
@@ -66,8 +78,8 @@ class SparseTuning:
 CPU = SparseTuning(chunk_bytes=1)
 # Not tuned on a GPU yet (no device measured): the portable kernels, with the CPU-only fused
 # flash path and the boolean-mask assumption off; the GPU kernels set their own values here.
-CUDA = SparseTuning(cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
-PORTABLE = SparseTuning(cpu_flash=False, sdpa_bool_mask=False)
+CUDA = SparseTuning(cpu_rows=False, cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
+PORTABLE = SparseTuning(cpu_rows=False, cpu_flash=False, sdpa_bool_mask=False)
 
 TUNINGS = {"cpu": CPU, "cuda": CUDA}
 

@@ -1,0 +1,273 @@
+// Causal attention of gathered query rows, each row at its own key index (its causal horizon),
+// on CPU, fp32: moh's own kernel for the sparse backend (moh/backends/sparse/cpu_kernels.py
+// builds and loads it; kernels.py chooses it).
+//
+// For every (item, head) the M rows are sorted by key index. A block of up to `qblock` rows
+// reads keys [0, first row's index] whole (every row sees them: chunks of `kblock` keys, no
+// mask) and then the diagonal keys up to its last row's index in chunks of `dblock`, each chunk
+// with only the rows that see any of its keys, each row up to its own index. Scores never leave
+// a (rows x chunk) scratch buffer: an online softmax (flash attention) keeps a running maximum,
+// sum and output per row. The products are the BLAS sgemm of the process (torch's MKL); the
+// softmax is vectorised by the compiler. The backward recomputes the probabilities from the
+// saved log-sum-exp, chunk by chunk, with the same blocks.
+//
+// Layout: q (BP, M, hd) with strides (q_sb per item-head, q_sm per row, 1); k and v (BP, S, hd)
+// likewise; qpos (BP, M) int64 ascending along M, each in [0, S); out and dq (BP, M, hd), lse
+// (BP, M), dk and dv (BP, S, hd) contiguous. All row-major; BLAS is column-major, so every
+// product below is written transposed.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+// C (row-major, rows x cols, ldc) = alpha * op(A) op(B) + beta * C, in row-major terms:
+// op(A) is rows x inner, op(B) inner x cols; ta/tb say whether A/B are stored transposed
+// (A stored inner x rows with lda, ...). Row-major C = column-major C^T = op(B)^T op(A)^T.
+inline void gemm_rm(bool ta, bool tb, int rows, int cols, int inner, float alpha, const float* a, int lda,
+                    const float* b, int ldb, float beta, float* c, int ldc) {
+    // column-major: C^T (cols x rows) = B' (cols x inner) * A' (inner x rows)
+    // B' is op(B)^T: B row-major (inner x cols) is column-major B^T (cols x inner) -> 'N';
+    // B stored transposed (cols x inner row-major) is column-major (inner x cols) -> 'T'.
+    const char tB = tb ? 'T' : 'N';
+    const char tA = ta ? 'T' : 'N';
+    sgemm_(&tB, &tA, &cols, &rows, &inner, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// Rows of the scratch buffers are padded to whole vectors of W floats (GCC vector extensions:
+// the compiler maps them to the CPU's vector registers, two or four per vector if narrower).
+constexpr int64_t W = 16;
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(float))));
+
+inline int64_t padded(int64_t n) { return (n + W - 1) / W * W; }
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{} + x; }
+
+// exp(x) for x <= 0 (differences to a row's maximum or log-sum-exp), ~2 ulp; exactly 0 below
+// -87 (also for -inf, the masked keys). Cephes' expf polynomial, n rounded by the 1.5 * 2^23 trick.
+inline vf exp_neg(vf x) {
+    const vf magic = splat(12582912.0f);
+    const vf xc = x < -87.0f ? splat(-87.0f) : x;
+    const vf t = xc * 1.44269504088896341f + magic;
+    const vf n = t - magic;
+    const vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi bits = ((reinterpret_cast<const vi&>(t) - reinterpret_cast<const vi&>(magic)) + 127) << 23;
+    const vf y = p * reinterpret_cast<const vf&>(bits);
+    return x < -87.0f ? vf{} : y;
+}
+
+inline float exp_neg1(float x) { return x < -87.0f ? 0.0f : std::exp(x); }
+
+// Keys past the row's horizon (and the vector padding) get -inf: exp_neg makes them 0.
+inline void mask_tail(float* s, int64_t seen, int64_t width) {
+    for (int64_t c = seen; c < width; ++c) s[c] = -INFINITY;
+}
+
+struct Job {
+    const float *q, *k, *v;
+    int64_t q_sb, q_sm, k_sb, k_ss, v_sb, v_ss;
+    const int64_t* qpos;
+    int64_t qpos_sb;
+    int64_t M, S, hd;
+    float scale;
+    int64_t qblock, kblock, dblock;
+};
+
+// The key chunks of the row block [r0, r1): (key start, key count, first row that sees it).
+template <typename F>
+inline void for_chunks(const Job& j, const int64_t* pos, int64_t r0, int64_t r1, F&& f) {
+    const int64_t whole = pos[r0] + 1, end = pos[r1 - 1] + 1;
+    for (int64_t c0 = 0; c0 < whole; c0 += j.kblock) f(c0, std::min(j.kblock, whole - c0), r0);
+    int64_t first = r0;
+    for (int64_t c0 = whole; c0 < end; c0 += j.dblock) {
+        while (pos[first] < c0) ++first;  // rows before `first` end before this chunk
+        f(c0, std::min(j.dblock, end - c0), first);
+    }
+}
+
+void forward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, float* out, float* lse, float* scores,
+                   float* acc, float* mx, float* sum) {
+    const float* q = j.q + bp * j.q_sb;
+    const float* k = j.k + bp * j.k_sb;
+    const float* v = j.v + bp * j.v_sb;
+    const int64_t* pos = j.qpos + bp * j.qpos_sb;
+    const int64_t hd = j.hd, R = r1 - r0;
+    std::fill(acc, acc + R * hd, 0.0f);
+    std::fill(mx, mx + R, -INFINITY);
+    std::fill(sum, sum + R, 0.0f);
+    for_chunks(j, pos, r0, r1, [&](int64_t c0, int64_t n, int64_t first) {
+        const int64_t rows = r1 - first, off = first - r0;
+        const int64_t ld = padded(n);
+        // scores (rows x n, rows ld apart) = scale * q[first:r1] k[c0:c0+n]^T
+        gemm_rm(false, true, rows, n, hd, j.scale, q + first * j.q_sm, j.q_sm, k + c0 * j.k_ss, j.k_ss, 0.0f,
+                scores, ld);
+        for (int64_t i = 0; i < rows; ++i) {
+            float* s = scores + i * ld;
+            mask_tail(s, std::min<int64_t>(n, pos[first + i] - c0 + 1), ld);  // >= 1 key seen
+            vf vm = load(s);
+            for (int64_t c = W; c < ld; c += W) {
+                const vf x = load(s + c);
+                vm = x > vm ? x : vm;
+            }
+            float cm = vm[0];
+            for (int64_t w = 1; w < W; ++w) cm = std::max(cm, vm[w]);
+            const float m = mx[off + i], mnew = std::max(m, cm);
+            const float alpha = exp_neg1(m - mnew);  // 0 on the first chunk (m = -inf)
+            vf vl{};
+            for (int64_t c = 0; c < ld; c += W) {
+                const vf p = exp_neg(load(s + c) - mnew);
+                store(s + c, p);
+                vl += p;
+            }
+            float l = 0.0f;
+            for (int64_t w = 0; w < W; ++w) l += vl[w];
+            sum[off + i] = sum[off + i] * alpha + l;
+            mx[off + i] = mnew;
+            if (alpha != 1.0f) {
+                float* a = acc + (off + i) * hd;
+                for (int64_t d = 0; d < hd; ++d) a[d] *= alpha;
+            }
+        }
+        // acc[off:] (rows x hd) += p (rows x n) v[c0:c0+n]
+        gemm_rm(false, false, rows, hd, n, 1.0f, scores, ld, v + c0 * j.v_ss, j.v_ss, 1.0f, acc + off * hd, hd);
+    });
+    for (int64_t i = 0; i < R; ++i) {
+        const float inv = 1.0f / sum[i];
+        float* o = out + (bp * j.M + r0 + i) * hd;
+        const float* a = acc + i * hd;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) o[d] = a[d] * inv;
+        lse[bp * j.M + r0 + i] = mx[i] + std::log(sum[i]);
+    }
+}
+
+void backward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, const float* lse, const float* delta,
+                    const float* dout, float* dq, float* dk, float* dv, float* p, float* dp) {
+    const float* q = j.q + bp * j.q_sb;
+    const float* k = j.k + bp * j.k_sb;
+    const float* v = j.v + bp * j.v_sb;
+    const int64_t* pos = j.qpos + bp * j.qpos_sb;
+    const int64_t hd = j.hd;
+    const float* L = lse + bp * j.M;
+    const float* Dl = delta + bp * j.M;
+    const float* dO = dout + bp * j.M * hd;
+    float* dQ = dq + bp * j.M * hd;
+    float* dK = dk + bp * j.S * hd;
+    float* dV = dv + bp * j.S * hd;
+    for_chunks(j, pos, r0, r1, [&](int64_t c0, int64_t n, int64_t first) {
+        const int64_t rows = r1 - first, ld = padded(n);
+        gemm_rm(false, true, rows, n, hd, j.scale, q + first * j.q_sm, j.q_sm, k + c0 * j.k_ss, j.k_ss, 0.0f, p, ld);
+        // dp = dout v^T
+        gemm_rm(false, true, rows, n, hd, 1.0f, dO + first * hd, hd, v + c0 * j.v_ss, j.v_ss, 0.0f, dp, ld);
+        for (int64_t i = 0; i < rows; ++i) {
+            float* pi = p + i * ld;
+            float* di = dp + i * ld;
+            mask_tail(pi, std::min<int64_t>(n, pos[first + i] - c0 + 1), ld);
+            const float l = L[first + i], dl = Dl[first + i];
+            for (int64_t c = 0; c < ld; c += W) {
+                const vf pr = exp_neg(load(pi + c) - l);
+                store(pi + c, pr);
+                store(di + c, pr * (load(di + c) - dl));  // 0 where masked (dp there is finite)
+            }
+        }
+        // dv[c0:] (n x hd) += p^T dout ; dk[c0:] += scale ds^T q ; dq[first:] += scale ds k
+        gemm_rm(true, false, n, hd, rows, 1.0f, p, ld, dO + first * hd, hd, 1.0f, dV + c0 * hd, hd);
+        gemm_rm(true, false, n, hd, rows, j.scale, dp, ld, q + first * j.q_sm, j.q_sm, 1.0f, dK + c0 * hd, hd);
+        gemm_rm(false, false, rows, hd, n, j.scale, dp, ld, k + c0 * j.k_ss, j.k_ss, 1.0f, dQ + first * hd, hd);
+    });
+}
+
+}  // namespace
+
+extern "C" {
+
+int moh_rows_abi() { return 1; }
+
+void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
+                      const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
+                      float* out, float* lse, int64_t BP, int64_t M, int64_t hd, float scale, int64_t qblock,
+                      int64_t kblock, int64_t dblock, int threads) {
+    const Job j{q, k, v, q_sb, q_sm, k_sb, k_ss, v_sb, v_ss, qpos, qpos_sb, M, 0, hd, scale, qblock, kblock, dblock};
+    const int64_t nblk = (M + qblock - 1) / qblock, tasks = BP * nblk;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> scores(qblock * padded(std::max(kblock, dblock))), acc(qblock * hd), mx(qblock), sum(qblock);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; ++t) {
+            // the longest blocks (last rows) first: better balance
+            const int64_t bp = t % BP, b = nblk - 1 - t / BP;
+            forward_block(j, bp, b * qblock, std::min(M, (b + 1) * qblock), out, lse, scores.data(), acc.data(),
+                          mx.data(), sum.data());
+        }
+    }
+}
+
+// dq, dk, dv: zero-filled on entry. Rows' delta = sum(dout * out) is computed here.
+void moh_rows_backward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
+                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
+                       const float* out, const float* dout, const float* lse, float* dq, float* dk, float* dv,
+                       int64_t BP, int64_t M, int64_t S, int64_t hd, float scale, int64_t qblock, int64_t kblock,
+                       int64_t dblock, int threads) {
+    const Job j{q, k, v, q_sb, q_sm, k_sb, k_ss, v_sb, v_ss, qpos, qpos_sb, M, S, hd, scale, qblock, kblock, dblock};
+    std::vector<float> delta(BP * M);
+    for (int64_t r = 0; r < BP * M; ++r) {
+        const float* o = out + r * hd;
+        const float* g = dout + r * hd;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < hd; ++d) s += o[d] * g[d];
+        delta[r] = s;
+    }
+    const int64_t nblk = (M + qblock - 1) / qblock, chunk = std::max(kblock, dblock);
+    const int64_t kv_size = BP * S * hd;
+    // item-heads in parallel when there are enough of them (each owns its dk/dv); else row
+    // blocks in parallel, each thread adding into its own dk/dv, summed at the end
+    const bool by_head = BP >= threads || threads == 1;
+    const int nbuf = by_head ? 0 : threads - 1;
+    std::vector<float> extra(static_cast<size_t>(nbuf) * 2 * kv_size, 0.0f);
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> p(qblock * padded(chunk)), dp(qblock * padded(chunk));  // zeros: padding stays finite
+        const int tid = omp_get_thread_num();
+        float* mdk = (by_head || tid == 0) ? dk : extra.data() + (tid - 1) * 2 * kv_size;
+        float* mdv = (by_head || tid == 0) ? dv : mdk + kv_size;
+        if (by_head) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t bp = 0; bp < BP; ++bp)
+                for (int64_t b = 0; b < nblk; ++b)
+                    backward_block(j, bp, b * qblock, std::min(M, (b + 1) * qblock), lse, delta.data(), dout, dq,
+                                   mdk, mdv, p.data(), dp.data());
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < BP * nblk; ++t) {
+                const int64_t bp = t % BP, b = nblk - 1 - t / BP;
+                backward_block(j, bp, b * qblock, std::min(M, (b + 1) * qblock), lse, delta.data(), dout, dq, mdk,
+                               mdv, p.data(), dp.data());
+            }
+        }
+    }
+    for (int b = 0; b < nbuf; ++b) {
+        const float* e = extra.data() + b * 2 * kv_size;
+        for (int64_t i = 0; i < kv_size; ++i) dk[i] += e[i];
+        for (int64_t i = 0; i < kv_size; ++i) dv[i] += e[kv_size + i];
+    }
+}
+
+}  // extern "C"
