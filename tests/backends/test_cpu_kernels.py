@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moh.backends.sparse import cpu_kernels, kernels
-from moh.backends.sparse.tuning import CPU, replace
+from moh.backends.sparse.tuning import CPU, CPU_TORCH, replace, tuning_for
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"no C++ build here: {cpu_kernels.build_error()}")
 
@@ -86,6 +86,7 @@ def test_bad_inputs_are_named():
 
 
 def test_the_sparse_backend_chooses_it():
+    assert tuning_for("cpu") is CPU
     assert kernels.choose_kernel("cpu", torch.float32, "causal_rows", 100, 200, False, CPU) == "cpu_rows"
     assert kernels.choose_kernel("cpu", torch.float32, "causal_rows", 100, 200, False,
                                  replace(CPU, cpu_rows=False)) == "flash_rows"
@@ -134,6 +135,7 @@ def test_fallback_to_torch_kernels(fresh, monkeypatch, how, tmp_path_factory):
     assert expected in cpu_kernels.build_error()
     assert os.listdir(fresh) == []  # nothing partial left in the cache
     assert kernels.choose_kernel("cpu", torch.float32, "causal_rows", 100, 200, False, CPU) == "flash_rows"
+    assert tuning_for("cpu") is CPU_TORCH  # and the plan's thresholds for torch's kernels
     with pytest.raises(RuntimeError, match="not available"):
         cpu_kernels.rows_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4),
                                    torch.tensor([[[0, 2]]]), 1.0)

@@ -1,7 +1,7 @@
 """Tuning of the sparse backend: one frozen object per device kind, passed in, never patched.
 
-The CPU values were measured on a 2-core AMD EPYC VM (D=768, hd=64, torch 2.13; RESULTS.md
-section 1 has the measurements). The CUDA entry is a placeholder for the GPU kernels to tune on
+The CPU values were measured on 2-core VMs (AMD EPYC, and Intel Xeon with AVX-512 for moh's rows
+kernel; D=768, hd=64, torch 2.13; RESULTS.md sections 1 and 8 have the measurements). The CUDA entry is a placeholder for the GPU kernels to tune on
 the device; until then it only turns off what exists for CPU tensors alone.
 """
 from __future__ import annotations
@@ -25,9 +25,13 @@ class SparseTuning:
     chunk_bytes: int = 8 << 20
     # fraction of rows from which a head is computed for all rows instead of gathered: a gathered
     # (row, head) costs more than one of a head computed whole (gather, 64-wide projections, and
-    # for causal attention blocks of rows instead of SDPA's causal kernel)
+    # for causal attention with torch's kernels blocks of rows instead of SDPA's causal kernel).
+    # With moh's CPU rows kernel causal rows are gathered as readily (75% heads, routed heads used
+    # by 70% of tokens, N=2048, 1 thread, Xeon VM, dense_from_causal 0.6 / 0.75 / 0.85 / 1.01:
+    # forward 144 / 130 / 129 / 130 ms, training step 463 / 399 / 407 / 409 ms); with torch's
+    # kernels 0.6 was best (``CPU_TORCH``)
     dense_from: float = 0.85
-    dense_from_causal: float = 0.6
+    dense_from_causal: float = 0.85
     # rows are gathered only with at least this many key positions per unit of width: gathering
     # lost at every head ratio for a tiny ViT (17 keys, D=128: 1139 vs 1757 images/s at 50%) and
     # won at 512 keys for D=768 (1 thread; at 2 threads about even)
@@ -81,13 +85,21 @@ CPU = SparseTuning(chunk_bytes=1)
 CUDA = SparseTuning(cpu_rows=False, cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
 PORTABLE = SparseTuning(cpu_rows=False, cpu_flash=False, sdpa_bool_mask=False)
 
+# CPU without moh's rows kernel (no compiler, or MOH_CPU_KERNEL=0): torch's flash kernel for
+# causal rows, which loses to whole heads from 60% of rows on
+CPU_TORCH = replace(CPU, cpu_rows=False, dense_from_causal=0.6)
 TUNINGS = {"cpu": CPU, "cuda": CUDA}
 
 
 def tuning_for(device: str | torch.device) -> SparseTuning:
-    """The tuning of a device kind ("cpu", "cuda", ...); other kinds get the portable one."""
+    """The tuning of a device kind ("cpu", "cuda", ...); other kinds get the portable one. On CPU
+    the first call builds moh's rows kernel if it is not built yet (``cpu_kernels``)."""
     kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if kind == "cpu":
+        from moh.backends.sparse import cpu_kernels
+
+        return CPU if cpu_kernels.available() else CPU_TORCH
     return TUNINGS.get(kind, PORTABLE)
 
 
-__all__ = ["SparseTuning", "CPU", "CUDA", "PORTABLE", "TUNINGS", "tuning_for", "replace"]
+__all__ = ["SparseTuning", "CPU", "CPU_TORCH", "CUDA", "PORTABLE", "TUNINGS", "tuning_for", "replace"]
