@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moh.backends.sparse import cpu_kernels
+from moh.backends.sparse.cpu_kernels import rows_attention
 from moh.backends.sparse.kernels import causal_flash
 
 
@@ -86,8 +88,10 @@ def main() -> None:
             "SDPA all rows, bidirectional": lambda: F.scaled_dot_product_attention(q, k, v),
             "SDPA all rows, causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "SDPA gathered rows, bidirectional": lambda: F.scaled_dot_product_attention(qr, k, v),
-            "gathered causal: flash rows, grid 128 (sparse, used)": lambda: causal_flash(qr, k, v, idx[None, None], hd**-0.5, 128, 64),
+            "gathered causal: flash rows, grid 128 (torch's kernels)": lambda: causal_flash(qr, k, v, idx[None, None], hd**-0.5, 128, 64),
             "gathered causal: own blocks of 128 (with padding)": lambda: own_causal(128),
+            **({"gathered causal: moh's rows kernel (sparse, used)": lambda: rows_attention(qr, k, v, idx[None, None], hd**-0.5)}
+               if cpu_kernels.available() else {}),
             "gathered causal: own blocks of 64": lambda: own_causal(64),
             "gathered causal: SDPA + bool mask, blocks 256": lambda: sdpa_masked(256),
         },

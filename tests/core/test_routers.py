@@ -85,3 +85,26 @@ def test_all_router():
     out = r(torch.randn(2, 5, 4), no_queries)
     assert torch.equal(out.gates_BTH, torch.ones(2, 5, 3)) and out.active_BTH.all()
     assert out.probs_BTE is None
+
+
+def test_two_stage_one_product_equals_its_three_projections():
+    """The router's projections run as one product of their concatenated weights when they are
+    plain linears: same logits and gradients as each projection on its own, which is what runs
+    when one of them is wrapped (a forward hook here, as an adapter would be)."""
+    r = router(dim=8, num_heads=6, num_shared=2, top_k=2)
+    x = torch.randn(2, 5, 8)
+    fused = r.logits(x)
+    separate = [r.w_routed(x), r.w_shared(x), r.w_balance(x)]
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b)
+    out = r(x, no_queries)
+    grads = torch.autograd.grad(out.gates_BTH.square().sum(), [r.w_routed.weight, r.w_shared.weight, r.w_balance.weight])
+    calls = []
+    r.w_shared.register_forward_hook(lambda mod, inp, o: calls.append(o.shape))
+    hooked = r(x, no_queries)
+    assert calls == [(2, 5, 2)]  # the wrapped projection ran as a module
+    torch.testing.assert_close(hooked.gates_BTH, out.gates_BTH)
+    grads_hooked = torch.autograd.grad(hooked.gates_BTH.square().sum(),
+                                       [r.w_routed.weight, r.w_shared.weight, r.w_balance.weight])
+    for a, b in zip(grads, grads_hooked):
+        torch.testing.assert_close(a, b)

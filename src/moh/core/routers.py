@@ -10,12 +10,14 @@ Shape legend: B batch, T tokens, D model width, H heads, E routed heads, K top-k
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moh.core.routing import RawQueries, Routing, scatter_topk as _scatter_topk
+from moh.layers.projection import sliceable
 from moh.registry import ROUTERS
 
 @ROUTERS.register("all")
@@ -56,25 +58,74 @@ class TwoStageRouter(nn.Module):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=cfg.dim**-0.5)
 
+    def logits(self, x_BTD: Tensor) -> list[Optional[Tensor]]:
+        """[routed, shared, balance] logits (None where the projection does not exist). Plain
+        linear projections run as one product (their weights concatenated: about 1 ms less per
+        call at N=2048, D=768 on CPU, where each narrow product costs as much as all three)."""
+        lins = [self.w_routed, self.w_shared, self.w_balance]
+        present = [lin for lin in lins if lin is not None]
+        if len(present) > 1 and all(sliceable(lin) and lin.bias is None for lin in present):
+            parts = iter(_linears(x_BTD, [lin.weight for lin in present]))
+            return [None if lin is None else next(parts) for lin in lins]
+        return [None if lin is None else lin(x_BTD) for lin in lins]
+
     def forward(self, x_BTD: Tensor, raw_queries: RawQueries) -> Routing:
         B, T, _ = x_BTD.shape
         S, K = self.num_shared, self.top_k
-        if self.w_shared is not None:
-            shared = F.softmax(self.w_shared(x_BTD), dim=-1, dtype=torch.float32).to(x_BTD.dtype) * S
+        routed_logits, shared_logits, balance_logits = self.logits(x_BTD)
+        if shared_logits is not None:
+            shared = F.softmax(shared_logits, dim=-1, dtype=torch.float32).to(x_BTD.dtype) * S
         else:
             shared = x_BTD.new_ones(B, T, S)
-        if self.w_routed is None:
+        if routed_logits is None:
             active = torch.ones(B, T, S, dtype=torch.bool, device=x_BTD.device)
             return Routing(shared, active, None, num_shared=S, learned=False)
-        probs = F.softmax(self.w_routed(x_BTD), dim=-1, dtype=torch.float32).to(x_BTD.dtype)  # (B,T,E)
+        probs = F.softmax(routed_logits, dim=-1, dtype=torch.float32).to(x_BTD.dtype)  # (B,T,E)
         top_p, top_i = probs.topk(K, dim=-1)  # (B,T,K)
         routed = top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny) * K
-        if self.w_balance is not None:
-            a = F.softmax(self.w_balance(x_BTD), dim=-1, dtype=torch.float32).to(x_BTD.dtype) * 2
+        if balance_logits is not None:
+            a = F.softmax(balance_logits, dim=-1, dtype=torch.float32).to(x_BTD.dtype) * 2
             shared = shared * a[..., :1]
             routed = routed * a[..., 1:]
         gates, active = _scatter_topk(routed, top_i, S, shared, self.num_heads)
         return Routing(gates, active, probs, num_shared=S, learned=True)
+
+
+def _linears(x: Tensor, weights: list[Tensor]) -> tuple[Tensor, ...]:
+    """``_Linears``; under autocast both operands are cast first, as autocast does for a linear."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _Linears.apply(x.to(dtype), *[w.to(dtype) for w in weights])
+    return _Linears.apply(x, *weights)
+
+
+class _Linears(torch.autograd.Function):
+    """x @ W_i^T for several weights as one product. The backward takes only the outputs that
+    received a gradient (a weight whose output is not in the loss gets None, as with separate
+    linears, not a zero gradient an optimizer would act on)."""
+
+    @staticmethod
+    def forward(ctx, x, *weights):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, *weights)
+        return F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        x, *weights = ctx.saved_tensors
+        used = [i for i, g in enumerate(grads) if g is not None]
+        if not used:
+            return (None,) * (1 + len(weights))
+        g = torch.cat([grads[i] for i in used], dim=-1)  # (.., sum of the used widths)
+        dx = g @ torch.cat([weights[i] for i in used]) if ctx.needs_input_grad[0] else None
+        dw: list[Optional[Tensor]] = [None] * len(weights)
+        if any(ctx.needs_input_grad[1:]):
+            full = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            for i, piece in zip(used, full.split([weights[i].shape[0] for i in used])):
+                dw[i] = piece if ctx.needs_input_grad[1 + i] else None
+        return (dx, *dw)
 
 
 @ROUTERS.register("query_norm")
