@@ -145,7 +145,7 @@ def test_backends_match_reference(case):
     # one head (CPU) or of several; decode steps of a batch per sequence (0) or by shared heads;
     # causal rows with moh's CPU kernel (blocks of 1-3 rows and keys, or its defaults) or torch's
     knobs = dict(row_block=case["row_block"], flash_block=case["row_block"], flash_grid=case["flash_grid"],
-                 chunk_bytes=case["chunk_bytes"], decode_per_sequence_keys=case["per_sequence"],
+                 chunk_bytes=case["chunk_bytes"], chunk_bytes_threaded=case["chunk_bytes"], decode_per_sequence_keys=case["per_sequence"],
                  dense_from=case["dense_from"],
                  dense_from_causal=case["dense_from"], cpu_rows=case["cpu_rows"],
                  rows_block=case["rows_blocks"][0], rows_key_chunk=case["rows_blocks"][1],
@@ -243,3 +243,23 @@ def test_flash_causal_rows_repeated_padding_rows():
     w[:, :, 4:] = 0
     for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
+
+
+def test_plan_chunks_by_thread_count():
+    """CPU: one gathered head per chunk on one thread, several per chunk with more threads
+    (``chunk_bytes_threaded``), in multiples of the thread count; full and unused heads alike."""
+    from moh.backends.sparse.plan import make_plan
+
+    T, D = 2048, 768
+    counts = [[T, T, 0] + [800 + 10 * h for h in range(9)]]  # 2 full heads, 1 unused, 9 gathered
+    kw = dict(T=T, S=T, D=D, causal=True, element_size=4, tuning=CPU)
+    one = make_plan(counts, threads=1, **kw)
+    two = make_plan(counts, threads=2, **kw)
+    assert one.full == two.full == [(0, 2)]
+    assert [heads for heads, _ in one.partial] == [[h] for h in range(3, 12)]
+    sizes = [len(heads) for heads, _ in two.partial]
+    assert sum(sizes) == 9 and max(sizes) > 1 and all(n % 2 == 0 for n in sizes[:-1]), sizes
+    assert [h for heads, _ in two.partial for h in heads] == list(range(3, 12))
+    assert all(M == max(counts[0][h] for h in heads) for heads, M in two.partial)
+    with pytest.raises(ValueError, match="chunk_bytes_threaded=0"):
+        replace(CPU, chunk_bytes_threaded=0)

@@ -35,7 +35,8 @@ def make_plan(counts_BH: list[list[int]], *, T: int, S: int, D: int, causal: boo
     A head every row uses runs whole. A head most rows use is cheaper computed for every row
     (gate 0 where unused) than gathered; over few keys any used head is (the attention skipped
     costs less than gathering the rows). The rest are gathered, a few heads at a time so the
-    gathered rows stay near ``tuning.chunk_bytes``, in whole multiples of the thread count
+    gathered rows stay near ``tuning.chunk_bytes`` (``chunk_bytes_threaded`` with more than one
+    thread), in whole multiples of the thread count
     (batched kernels split evenly over heads)."""
     B = len(counts_BH)
     H = len(counts_BH[0]) if B else 0
@@ -45,7 +46,8 @@ def make_plan(counts_BH: list[list[int]], *, T: int, S: int, D: int, causal: boo
     full = runs([h for h, n in enumerate(per_head) if n == B * T or 0 < n >= dense])
     gathered = [h for h, n in enumerate(per_head) if 0 < n < min(dense, B * T)]
     rows = max([c[h] for c in counts_BH for h in gathered], default=0)
-    step = max(1, tuning.chunk_bytes // max(B * rows * D * element_size, 1))
+    budget = tuning.chunk_bytes if threads == 1 or tuning.chunk_bytes_threaded is None else tuning.chunk_bytes_threaded
+    step = max(1, budget // max(B * rows * D * element_size, 1))
     if step > threads:
         step -= step % threads
     chunks = [gathered[i : i + step] for i in range(0, len(gathered), step)]

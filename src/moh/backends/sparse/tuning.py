@@ -23,6 +23,12 @@ class SparseTuning:
     # backward of causal rows shares no row blocks between heads (50% heads, N=2048, 1 thread,
     # training step 610-632 vs 618-645 ms for chunks of 3, forward within noise)
     chunk_bytes: int = 8 << 20
+    # the same with more than one thread (None: chunk_bytes). On CPU at 2 threads one head per
+    # chunk leaves the second thread idle in the many per-head operations; chunks of several heads
+    # (batched) win for bidirectional rows (50% heads, N=2048, Xeon VM, % of ideal, one head / 8
+    # MB / 32 MB: forward 76 / 80 / 81, training step 74 / 79 / 82; 75% training 78 / - / 86) and
+    # are even for causal ones (forward 79 / 81 / 78, training 78 / 76 / 79)
+    chunk_bytes_threaded: Optional[int] = None
     # fraction of rows from which a head is computed for all rows instead of gathered: a gathered
     # (row, head) costs more than one of a head computed whole (gather, 64-wide projections, and
     # for causal attention with torch's kernels blocks of rows instead of SDPA's causal kernel).
@@ -73,13 +79,15 @@ class SparseTuning:
     triton_tuning: Optional[Any] = None
 
     def __post_init__(self) -> None:
+        if self.chunk_bytes_threaded is not None and self.chunk_bytes_threaded < 1:
+            raise ValueError(f"SparseTuning.chunk_bytes_threaded={self.chunk_bytes_threaded} must be positive")
         for name in ("row_block", "chunk_bytes", "flash_block", "flash_grid", "few_rows", "rows_block",
                      "rows_key_chunk", "rows_diagonal_chunk"):
             if getattr(self, name) < (0 if name == "few_rows" else 1):
                 raise ValueError(f"SparseTuning.{name}={getattr(self, name)} must be positive")
 
 
-CPU = SparseTuning(chunk_bytes=1)
+CPU = SparseTuning(chunk_bytes=1, chunk_bytes_threaded=32 << 20)
 # Not tuned on a GPU yet (no device measured): the portable kernels, with the CPU-only fused
 # flash path and the boolean-mask assumption off; the GPU kernels set their own values here.
 CUDA = SparseTuning(cpu_rows=False, cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
