@@ -107,7 +107,7 @@ def fresh(monkeypatch, tmp_path):
 def test_build_is_cached_and_atomic(fresh):
     assert cpu_kernels.available()
     built = sorted(os.listdir(fresh))
-    assert len(built) == 1 and built[0].startswith("rows_attention-") and built[0].endswith(".so"), built
+    assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so"), built
     stamp = os.stat(fresh / built[0]).st_mtime_ns
     cpu_kernels._tried, cpu_kernels._lib = False, None
     assert cpu_kernels.available()  # loads the cached library, does not rebuild
@@ -123,7 +123,7 @@ def test_fallback_to_torch_kernels(fresh, monkeypatch, how, tmp_path_factory):
         monkeypatch.setenv("CXX", "moh-no-such-compiler")
         expected = "moh-no-such-compiler"
     else:
-        bad = tmp_path_factory.mktemp("src") / "rows_attention.cpp"
+        bad = tmp_path_factory.mktemp("src") / "cpu_kernels.cpp"
         bad.write_text("this is not C++\n")
         monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
         expected = "failed"
@@ -140,3 +140,125 @@ def test_fallback_to_torch_kernels(fresh, monkeypatch, how, tmp_path_factory):
         cpu_kernels.rows_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4),
                                    torch.tensor([[[0, 2]]]), 1.0)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# decode steps of one sequence
+
+
+def test_head_matvec_is_the_heads_rows_of_the_projection():
+    gen = torch.Generator().manual_seed(5)
+    H, hd, D = 6, 12, 20
+    lin = torch.nn.Linear(D, H * hd)
+    x = torch.randn(D, generator=gen)
+    heads = torch.tensor([0, 2, 5])
+    full = lin(x).detach().view(H, hd)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_kernels.head_matvec(x, lin.weight, heads, hd, lin.bias), full[heads])
+        torch.testing.assert_close(cpu_kernels.head_matvec(x, lin.weight, heads, hd), full[heads] - lin.bias.view(H, hd)[heads])
+        assert cpu_kernels.head_matvec(x, lin.weight, heads[:0], hd).shape == (0, hd)
+    with pytest.raises(ValueError, match="head_dim 7"):
+        cpu_kernels.head_matvec(x, lin.weight.detach(), heads, 7)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hd", [16, 20])  # whole vectors of 16 floats, and not
+def test_decode_heads_matches_reference(threads, hd):
+    """GQA (two query heads per key/value head), a cache view with spare capacity, key padding
+    with one head group seeing keys and a fully masked case, gates, and no active head."""
+    gen = torch.Generator().manual_seed(hd)
+    H, G, S, D = 6, 3, 37, 24
+    cache_k = torch.randn(G, S + 5, hd, generator=gen)
+    cache_v = torch.randn(G, S + 5, hd, generator=gen)
+    k, v = cache_k[:, :S], cache_v[:, :S]  # views, rows hd apart, groups (S + 5) * hd apart
+    wo = torch.randn(D, H * hd, generator=gen)
+    heads = torch.tensor([0, 3, 4])
+    kv = heads // (H // G)
+    q = torch.randn(3, hd, generator=gen)
+    gates = torch.rand(3, generator=gen) + 0.5
+    mask = torch.rand(S, generator=gen) > 0.4
+
+    def ref(mask):
+        s = (q.unsqueeze(1) @ k[kv].transpose(-1, -2)).squeeze(1) * 0.3  # (P, S)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)  # a head that sees no key: 0
+        y = (p.unsqueeze(1) @ v[kv]).squeeze(1) * gates[:, None]  # (P, hd)
+        return sum(wo[:, h * hd:(h + 1) * hd] @ y[i] for i, h in enumerate(heads.tolist()))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (None, mask, torch.zeros(S, dtype=torch.bool)):
+            got = cpu_kernels.decode_heads(q, heads, kv, k, v, m, 0.3, gates, wo)
+            torch.testing.assert_close(got, ref(m), atol=1e-5, rtol=1e-5)
+        none = cpu_kernels.decode_heads(q[:0], heads[:0], kv[:0], k, v, None, 0.3, gates[:0], wo)
+        assert torch.equal(none, torch.zeros(D))
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(TypeError, match="float64"):
+        cpu_kernels.decode_heads(q.double(), heads, kv, k, v, None, 0.3, gates, wo)
+
+
+LAYERS = [  # MoHAttention settings of a decoded token through the sparse backend's CPU decode path
+    dict(num_heads=6, num_shared=1, top_k=2),
+    dict(num_heads=6, num_kv_heads=3, num_shared=2, top_k=1, rope=True, qk_norm=True, qkv_bias=True, out_bias=True),
+    dict(num_heads=4, num_shared=1, top_k=2, router="query_norm", rope=True),  # the router made the raw queries
+    dict(num_heads=4, num_shared=0, top_k=4, router="two_stage"),  # every head
+]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kw", LAYERS, ids=["plain", "gqa-rope-norm-bias", "query_norm", "all-routed"])
+def test_decode_step_through_the_layer_matches_reference(kw, masked):
+    from moh.backends.sparse import backend as sparse_backend
+    from moh.config import MoHConfig
+    from moh.core.attention import MoHAttention
+    from moh.core.cache import KVCache
+
+    torch.manual_seed(0)
+    m = MoHAttention(MoHConfig(dim=16, head_dim=8, causal=True, **kw)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+    prefix, x = torch.randn(1, 9, 16), torch.randn(1, 3, 16)
+    mask = (torch.rand(1, 12) > 0.3) if masked else None
+    used = []
+    original = sparse_backend._one_token_cpu
+
+    def spy(call):
+        used.append(True)
+        return original(call)
+
+    outs = {}
+    for backend in ("reference", "sparse"):
+        m.set_backend(backend)
+        cache = KVCache(capacity=4)
+        steps = []
+        with torch.no_grad():
+            m(prefix, None if mask is None else mask[:, :9], cache)
+            for t in range(3):  # three decode steps
+                sparse_backend._one_token_cpu = spy
+                try:
+                    steps.append(m(x[:, t:t + 1], None if mask is None else mask[:, :10 + t], cache).output)
+                finally:
+                    sparse_backend._one_token_cpu = original
+        outs[backend] = torch.cat(steps, 1)
+    assert len(used) == 3  # the sparse steps took the CPU decode path
+    torch.testing.assert_close(outs["sparse"], outs["reference"], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_path_not_taken_when_gradients_are_needed():
+    """The decode kernels have no backward: with autograd on, a step takes the torch path and its
+    gradients reach the weights."""
+    from moh.config import MoHConfig
+    from moh.core.attention import MoHAttention
+    from moh.core.cache import KVCache
+
+    torch.manual_seed(0)
+    m = MoHAttention(MoHConfig(dim=16, head_dim=8, num_heads=4, num_shared=1, top_k=2, causal=True))
+    cache = KVCache(capacity=8)
+    with torch.no_grad():
+        m(torch.randn(1, 5, 16), cache=cache)
+    m(torch.randn(1, 1, 16), cache=cache).output.sum().backward()
+    assert m.q_proj.weight.grad is not None and m.q_proj.weight.grad.abs().sum() > 0

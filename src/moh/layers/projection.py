@@ -74,6 +74,12 @@ class QueryProjection:
             w = self.proj.weight.view(H, hd, D)[h0:h1].reshape(-1, D)
             b = None if self.proj.bias is None else self.proj.bias.view(H, hd)[h0:h1].reshape(-1)
             q = F.linear(self.x, w, b).unflatten(-1, (h1 - h0, hd))
+        return self.finish(q)
+
+    def finish(self, q_BTPd: Tensor) -> Tensor:
+        """qk-norm and RoPE of raw queries (B, T, P, hd) of some heads for every token (a backend
+        that projects queries itself, e.g. only the heads one decoded token uses)."""
+        q = q_BTPd
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rotary is None:

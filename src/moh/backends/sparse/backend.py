@@ -46,6 +46,8 @@ class SparseBackend:
         B, T, H = call.shape
         if T == 1 and device == "cuda" and tuning.triton and call.dropout_p == 0 and triton_available():
             return _decode_step(call, tuning)
+        if T == 1 and B == 1 and device == "cpu" and tuning.cpu_decode and _cpu_decode_fits(call):
+            return _one_token_cpu(call)
         if T == 1 and call.dropout_p == 0:
             return _one_token(call, per_sequence=B > 1 and call.k.shape[2] >= tuning.decode_per_sequence_keys)
         counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
@@ -89,6 +91,49 @@ def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
                                scale=call.scale, key_mask=key_mask, tuning=tuning.triton_tuning)
     gated = head * call.routing.gates_BTH[:, 0, :, None].to(head.dtype)  # (B, H, hd)
     return call.out.dense(gated[:, None])
+
+
+def _cpu_decode_fits(call: AttentionCall) -> bool:
+    """Whether moh's CPU decode kernels can run this one-token step of one sequence: plain fp32
+    linear query/output projections, fp32 cache, a key-padding mask or none, no gradient needed
+    (they have no backward), and the kernels built."""
+    from moh.backends.sparse import cpu_kernels
+
+    wq, wo = call.q.proj, call.out.proj
+    if not (call.q.sliceable and call.out.sliceable and call.dropout_p == 0):
+        return False
+    tensors = [call.q.x, call.k, call.v, wq.weight, wo.weight]
+    if any(t.dtype != torch.float32 for t in tensors) or any(t.stride(-1) != 1 for t in (call.k, call.v)):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors + [call.routing.gates_BTH]):
+        return False
+    if call.key_mask is not None and call.key_mask.shape[1] != 1:
+        return False
+    return cpu_kernels.available()
+
+
+def _one_token_cpu(call: AttentionCall) -> Tensor:
+    """One new token of one sequence on CPU with moh's kernels (``cpu_kernels``): the queries of
+    its active heads only (their rows of W_Q; or slices of the raw projection a router made), their
+    attention over their KV cache read in place, their gated output projection (their columns of
+    W_O), in two calls, where the torch-operation path (``_one_token``) costs ~150 small operations
+    per layer and reads every head's query and output weights."""
+    from moh.backends.sparse import cpu_kernels
+
+    _, _, H = call.shape
+    G, hd = call.k.shape[1], call.v.shape[-1]
+    heads = call.routing.active_BTH[0, 0].nonzero()[:, 0]  # (P,) ascending
+    if call.q.has_raw:
+        raw = call.q.raw()[0, 0].index_select(0, heads)  # (P, hd)
+    else:
+        raw = cpu_kernels.head_matvec(call.q.x[0, 0], call.q.proj.weight, heads, hd, call.q.proj.bias)
+    q = call.q.finish(raw[None, None])[0, 0]  # qk-norm, RoPE
+    key_mask = None if call.key_mask is None else call.key_mask[0, 0]
+    out = cpu_kernels.decode_heads(q.contiguous(), heads, heads // (H // G), call.k[0], call.v[0], key_mask, call.scale,
+                                   call.routing.gates_BTH[0, 0].index_select(0, heads), call.out.proj.weight)
+    if call.out.proj.bias is not None:
+        out = out + call.out.proj.bias
+    return out.view(1, 1, -1)
 
 
 def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:

@@ -1,11 +1,18 @@
-"""moh's own CPU kernel for causal attention of gathered rows (``csrc/rows_attention.cpp``).
+"""moh's own CPU kernels (``csrc/cpu_kernels.cpp``): causal attention of gathered rows
+(:func:`rows_attention`) and one decode step of one sequence for its active heads only
+(:func:`head_matvec`, :func:`decode_heads`).
 
-torch's CPU kernels run gathered causal rows at about half the rate of a whole causal head: a
+Rows: torch's CPU kernels run gathered causal rows at about half the rate of a whole causal head: a
 row's keys end at its own position, so no single call covers many rows (RESULTS.md, issue 11).
 This kernel takes blocks of up to ``qblock`` rows at once, reads the keys every row of the block
 sees in chunks without a mask and the diagonal keys in short chunks with only the rows that see
 them, and keeps an online softmax per row (no score matrix is written out); the products are
 the process's BLAS ``sgemm`` (torch's MKL). Forward and backward; fp32 CPU tensors.
+
+Decode: a step of one sequence is a few small products; built from torch operations it costs
+~150 of them per layer, each a few microseconds, and reads every head's query and output weights.
+Here the active heads' query rows of W_Q, their KV cache (in place) and their columns of W_O are
+read in two calls (BLAS ``sgemv`` per head; inference only: no backward).
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``;
 about one second) against torch's own libraries, into a cache directory keyed by the source,
@@ -33,9 +40,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "rows_attention.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 1  # moh_rows_abi() of the source this module speaks to
+ABI = 2  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -71,7 +78,7 @@ def _build() -> ctypes.CDLL:
     link = [f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *link, *version, _cpu_id(), torch.__version__])
                          .encode()).hexdigest()[:16]
-    target = cache_dir() / f"rows_attention-{key}.so"
+    target = cache_dir() / f"cpu_kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -94,6 +101,11 @@ def _build() -> ctypes.CDLL:
     lib.moh_rows_backward.restype = None
     lib.moh_rows_backward.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr,
                                       ptr, ptr, ptr, i64, i64, i64, i64, f32, i64, i64, i64, ctypes.c_int]
+    lib.moh_head_matvec.restype = None
+    lib.moh_head_matvec.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.moh_decode_heads.restype = None
+    lib.moh_decode_heads.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
+                                     i64, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -109,7 +121,7 @@ def library() -> Optional[ctypes.CDLL]:
                 _lib = _build()
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _error = str(e)
-                warnings.warn(f"moh: the CPU kernel for gathered causal rows is not available ({e}); "
+                warnings.warn(f"moh: the CPU kernels (gathered causal rows, decode steps) are not available ({e}); "
                               "using torch's kernels", RuntimeWarning, stacklevel=2)
     return _lib
 
@@ -172,9 +184,63 @@ def rows_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, scale: float, 
     [0, qpos[b, p, m]] of k, v (B, P, S, hd); ``qpos`` (B, P or 1, M) int64, ascending along M,
     in [0, S). fp32 CPU tensors; needs :func:`available`."""
     if library() is None:
-        raise RuntimeError(f"moh's CPU rows kernel is not available: {build_error()}")
+        raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
     if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
         raise TypeError(f"rows_attention takes fp32 tensors, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type != "cpu":
         raise ValueError(f"rows_attention runs on CPU tensors, got {q.device}")
     return _RowsAttention.apply(q, k, v, qpos.to(torch.int64), scale, qblock, kblock, dblock)
+
+
+def _check_fp32_cpu(**tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise TypeError(f"{name} must be an fp32 CPU tensor, got {t.dtype} on {t.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+
+
+def head_matvec(x: Tensor, weight: Tensor, heads: Tensor, head_dim: int, bias: Optional[Tensor] = None) -> Tensor:
+    """Queries of one token for some heads: ``(weight[h*hd:(h+1)*hd] @ x + bias[...])`` for h in
+    ``heads`` -> (P, hd); x (D,), weight (H*hd, D) (a linear layer's), heads (P,) int64. Inference
+    only (no autograd); needs :func:`available`."""
+    if library() is None:
+        raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
+    _check_fp32_cpu(x=x, weight=weight, bias=bias)
+    x, heads = x.contiguous(), heads.to(torch.int64).contiguous()
+    D = x.shape[0]
+    if weight.shape[1] != D or weight.shape[0] % head_dim:
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit x ({D},) and head_dim {head_dim}")
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(heads.shape[0], head_dim, dtype=torch.float32)
+    library().moh_head_matvec(x.data_ptr(), weight.data_ptr(), weight.stride(0),
+                              None if bias is None else bias.data_ptr(), heads.data_ptr(), heads.shape[0], head_dim, D,
+                              out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def decode_heads(q: Tensor, heads: Tensor, kv_heads: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                 scale: float, gates: Tensor, o_weight: Tensor) -> Tensor:
+    """One decoded token of one sequence: ``sum_p gates[p] * W_O[:, head p] softmax(scale * k[kv_p] q_p) v[kv_p]``
+    -> (D,). q (P, hd) the active heads' queries, heads / kv_heads (P,) their query and key/value
+    heads, k and v (G, S, hd) the cache (views, read in place), key_mask (S,) bool or None (a head
+    that sees no key adds 0), gates (P,), o_weight (D, H*hd) (a linear layer's). Inference only."""
+    if library() is None:
+        raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
+    _check_fp32_cpu(q=q, k=k, v=v, gates=gates, o_weight=o_weight)
+    P, hd = q.shape
+    G, S, _ = k.shape
+    if tuple(v.shape) != (G, S, hd) or k.shape[2] != hd:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (G, S, {hd})")
+    q, gates = q.contiguous(), gates.contiguous()
+    heads, kv_heads = heads.to(torch.int64).contiguous(), kv_heads.to(torch.int64).contiguous()
+    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+    D = o_weight.shape[0]
+    out = torch.empty(D, dtype=torch.float32)
+    library().moh_decode_heads(q.data_ptr(), heads.data_ptr(), kv_heads.data_ptr(), P, hd, k.data_ptr(), k.stride(0),
+                               k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), S,
+                               None if mask is None else mask.data_ptr(), scale, gates.data_ptr(), o_weight.data_ptr(),
+                               o_weight.stride(0), D, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,7 +1,13 @@
-// Causal attention of gathered query rows, each row at its own key index (its causal horizon),
-// on CPU, fp32: moh's own kernel for the sparse backend (moh/backends/sparse/cpu_kernels.py
-// builds and loads it; kernels.py chooses it).
+// moh's CPU kernels for the sparse backend, fp32 (moh/backends/sparse/cpu_kernels.py builds and
+// loads them; kernels.py and backend.py choose them):
 //
+// * moh_rows_forward / moh_rows_backward: causal attention of gathered query rows, each row at
+//   its own key index (its causal horizon);
+// * moh_head_matvec / moh_decode_heads: one decode step of one sequence for its active heads
+//   only: their queries (their rows of W_Q), their attention over their KV cache (read in place),
+//   their gated output projection (their columns of W_O), in two calls.
+//
+// Rows attention:
 // For every (item, head) the M rows are sorted by key index. A block of up to `qblock` rows
 // reads keys [0, first row's index] whole (every row sees them: chunks of `kblock` keys, no
 // mask) and then the diagonal keys up to its last row's index in chunks of `dblock`, each chunk
@@ -23,6 +29,8 @@
 #include <vector>
 #include <omp.h>
 
+extern "C" void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a,
+                       const int* lda, const float* x, const int* incx, const float* beta, float* y, const int* incy);
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
@@ -198,7 +206,7 @@ void backward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, const floa
 
 extern "C" {
 
-int moh_rows_abi() { return 1; }
+int moh_rows_abi() { return 2; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -267,6 +275,90 @@ void moh_rows_backward(const float* q, int64_t q_sb, int64_t q_sm, const float* 
         const float* e = extra.data() + b * 2 * kv_size;
         for (int64_t i = 0; i < kv_size; ++i) dk[i] += e[i];
         for (int64_t i = 0; i < kv_size; ++i) dv[i] += e[kv_size + i];
+    }
+}
+
+// Decode, one sequence. q[p] (hd) = W[heads[p] * hd : (heads[p] + 1) * hd] x (+ bias): W (H*hd, D)
+// row-major with row stride ldw, bias (H*hd) or null; out (P, hd) contiguous.
+void moh_head_matvec(const float* x, const float* w, int64_t ldw, const float* bias, const int64_t* heads, int64_t P,
+                     int64_t hd, int64_t D, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+        const int m = static_cast<int>(D), n = static_cast<int>(hd), lda = static_cast<int>(ldw), one = 1;
+        const float alpha = 1.0f, beta = 0.0f;
+        // row-major (hd x D) block = column-major (D x hd): q = block x = A^T x
+        sgemv_("T", &m, &n, &alpha, w + heads[p] * hd * ldw, &lda, x, &one, &beta, out + p * hd, &one);
+        if (bias != nullptr)
+            for (int64_t j = 0; j < hd; ++j) out[p * hd + j] += bias[heads[p] * hd + j];
+    }
+}
+
+// Decode, one sequence: out (D) = sum_p gates[p] * W_O[:, heads[p] block] y_p with
+// y_p = softmax(scale * K[kv[p]] q[p]) V[kv[p]] over the S cached keys (key_mask[s] = 0: not seen;
+// a head that sees no key gives y_p = 0). q (P, hd) contiguous; K, V (G, S, hd) with strides
+// (k_sg, k_ss, 1), read in place; W_O (D, H*hd) row-major with row stride ldwo.
+void moh_decode_heads(const float* q, const int64_t* heads, const int64_t* kv, int64_t P, int64_t hd,
+                      const float* k, int64_t k_sg, int64_t k_ss, const float* v, int64_t v_sg, int64_t v_ss,
+                      int64_t S, const uint8_t* key_mask, float scale, const float* gates, const float* wo,
+                      int64_t ldwo, int64_t D, float* out, int threads) {
+    std::vector<float> y(P * hd, 0.0f);
+    const int64_t ld = padded(S);
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> scores(ld);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; ++p) {
+            const int m = static_cast<int>(hd), n = static_cast<int>(S), one = 1;
+            const int ldk = static_cast<int>(k_ss), ldv = static_cast<int>(v_ss);
+            const float zero = 0.0f;
+            float* s = scores.data();
+            // scores = scale * K q: K row-major (S x hd) = column-major (hd x S)
+            sgemv_("T", &m, &n, &scale, k + kv[p] * k_sg, &ldk, q + p * hd, &one, &zero, s, &one);
+            if (key_mask != nullptr)
+                for (int64_t c = 0; c < S; ++c)
+                    if (!key_mask[c]) s[c] = -INFINITY;
+            mask_tail(s, S, ld);
+            vf vm = load(s);
+            for (int64_t c = W; c < ld; c += W) {
+                const vf x = load(s + c);
+                vm = x > vm ? x : vm;
+            }
+            float mx = vm[0];
+            for (int64_t w = 1; w < W; ++w) mx = std::max(mx, vm[w]);
+            if (mx == -INFINITY) continue;  // sees no key: y_p stays 0
+            vf vl{};
+            for (int64_t c = 0; c < ld; c += W) {
+                const vf e = exp_neg(load(s + c) - mx);
+                store(s + c, e);
+                vl += e;
+            }
+            float l = 0.0f;
+            for (int64_t w = 0; w < W; ++w) l += vl[w];
+            const float inv = 1.0f / l;
+            // y_p = V^T p / l: V row-major (S x hd) = column-major (hd x S)
+            sgemv_("N", &m, &n, &inv, v + kv[p] * v_sg, &ldv, s, &one, &zero, y.data() + p * hd, &one);
+        }
+        // out[d0:d1] = sum_p gate_p W_O[d0:d1, head block] y_p, each thread its own rows of out, in
+        // one pass over the rows (the heads' column blocks of a row read together)
+#pragma omp single
+        for (int64_t p = 0; p < P; ++p)
+            for (int64_t j = 0; j < hd; ++j) y[p * hd + j] *= gates[p];
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t d0 = D * tid / nt, d1 = D * (tid + 1) / nt, vec = hd / W * W;
+        for (int64_t d = d0; d < d1; ++d) {
+            const float* row = wo + d * ldwo;
+            vf acc{};
+            float tail = 0.0f;
+            for (int64_t p = 0; p < P; ++p) {
+                const float* w = row + heads[p] * hd;
+                const float* yp = y.data() + p * hd;
+                for (int64_t j = 0; j < vec; j += W) acc += load(w + j) * load(yp + j);
+                for (int64_t j = vec; j < hd; ++j) tail += w[j] * yp[j];
+            }
+            float t = tail;
+            for (int64_t w = 0; w < W; ++w) t += acc[w];
+            out[d] = t;
+        }
     }
 }
 
