@@ -262,3 +262,16 @@ def test_decode_path_not_taken_when_gradients_are_needed():
         m(torch.randn(1, 5, 16), cache=cache)
     m(torch.randn(1, 1, 16), cache=cache).output.sum().backward()
     assert m.q_proj.weight.grad is not None and m.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_unwritable_cache_builds_in_a_temporary_directory(fresh, monkeypatch, tmp_path_factory):
+    """A cache directory it may not write (a read-only home; simulated: the tests run as root,
+    which ignores file modes) -> the library is built in a per-user temporary directory."""
+    tmp = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setattr(cpu_kernels.tempfile, "tempdir", str(tmp))
+    real_access = os.access
+    monkeypatch.setattr(cpu_kernels.os, "access", lambda p, mode: False if str(p) == str(fresh) else real_access(p, mode))
+    assert cpu_kernels.available()
+    assert os.listdir(fresh) == []
+    built = list((tmp / f"moh-kernels-{os.getuid()}").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("cpu_kernels-")

@@ -16,7 +16,8 @@ read in two calls (BLAS ``sgemv`` per head; inference only: no backward).
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``;
 about one second) against torch's own libraries, into a cache directory keyed by the source,
-the flags, the compiler and the CPU (``$MOH_KERNEL_CACHE``, else ``~/.cache/moh/kernels``);
+the flags, the compiler and the CPU (``$MOH_KERNEL_CACHE``, else ``~/.cache/moh/kernels``; a
+per-user temporary directory if that is not writable);
 the shared library is written to a temporary name and renamed, so a concurrent or interrupted
 build never leaves a partial file. Without a compiler, with a failed build, or with
 ``MOH_CPU_KERNEL=0`` :func:`available` is False and the sparse backend uses torch's kernels
@@ -78,9 +79,19 @@ def _build() -> ctypes.CDLL:
     link = [f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *link, *version, _cpu_id(), torch.__version__])
                          .encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{key}.so"
+    name = f"cpu_kernels-{key}.so"
+    target = cache_dir() / name
+    fallback = Path(tempfile.gettempdir()) / f"moh-kernels-{os.getuid()}" / name
+    if not target.exists() and fallback.exists():
+        target = fallback
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(target.parent, os.W_OK):
+                raise PermissionError(f"{target.parent} is not writable")
+        except OSError:  # e.g. a read-only home directory: a per-user temporary directory
+            target = fallback
+            target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
