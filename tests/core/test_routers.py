@@ -91,9 +91,19 @@ def test_two_stage_one_product_equals_its_three_projections():
     """The router's projections run as one product of their concatenated weights when they are
     plain linears: same logits and gradients as each projection on its own, which is what runs
     when one of them is wrapped (a forward hook here, as an adapter would be)."""
+    import moh.core.routers as routers
+
     r = router(dim=8, num_heads=6, num_shared=2, top_k=2)
-    x = torch.randn(2, 5, 8)
-    fused = r.logits(x)
+    x = torch.randn(4, 9, 8)  # 36 tokens: fused from 32 on
+    fused_calls = []
+    real = routers._linears
+    routers._linears = lambda *a: fused_calls.append(1) or real(*a)
+    try:
+        fused = r.logits(x)
+        r.logits(x[:1, :5])  # 5 tokens: three products
+    finally:
+        routers._linears = real
+    assert fused_calls == [1]
     separate = [r.w_routed(x), r.w_shared(x), r.w_balance(x)]
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b)
@@ -102,7 +112,7 @@ def test_two_stage_one_product_equals_its_three_projections():
     calls = []
     r.w_shared.register_forward_hook(lambda mod, inp, o: calls.append(o.shape))
     hooked = r(x, no_queries)
-    assert calls == [(2, 5, 2)]  # the wrapped projection ran as a module
+    assert calls == [(4, 9, 2)]  # the wrapped projection ran as a module
     torch.testing.assert_close(hooked.gates_BTH, out.gates_BTH)
     grads_hooked = torch.autograd.grad(hooked.gates_BTH.square().sum(),
                                        [r.w_routed.weight, r.w_shared.weight, r.w_balance.weight])

@@ -60,11 +60,13 @@ class TwoStageRouter(nn.Module):
 
     def logits(self, x_BTD: Tensor) -> list[Optional[Tensor]]:
         """[routed, shared, balance] logits (None where the projection does not exist). Plain
-        linear projections run as one product (their weights concatenated: about 1 ms less per
-        call at N=2048, D=768 on CPU, where each narrow product costs as much as all three)."""
+        linear projections of 32 tokens or more run as one product (their weights concatenated:
+        D=768, 1 thread, fused / separate: 2048 tokens 0.57 / 1.58 ms, where each narrow product
+        costs as much as all three; 128 tokens 62 / 95 µs; 32: 31 / 35 µs; one token 19 / 9 µs)."""
         lins = [self.w_routed, self.w_shared, self.w_balance]
         present = [lin for lin in lins if lin is not None]
-        if len(present) > 1 and all(sliceable(lin) and lin.bias is None for lin in present):
+        tokens = x_BTD.numel() // max(x_BTD.shape[-1], 1)
+        if tokens >= 32 and len(present) > 1 and all(sliceable(lin) and lin.bias is None for lin in present):
             parts = iter(_linears(x_BTD, [lin.weight for lin in present]))
             return [None if lin is None else next(parts) for lin in lins]
         return [None if lin is None else lin(x_BTD) for lin in lins]

@@ -88,6 +88,31 @@ inline void mask_tail(float* s, int64_t seen, int64_t width) {
     for (int64_t c = seen; c < width; ++c) s[c] = -INFINITY;
 }
 
+// The maximum of a row of ld floats (ld a multiple of W).
+inline float row_max(const float* s, int64_t ld) {
+    vf vm = load(s);
+    for (int64_t c = W; c < ld; c += W) {
+        const vf x = load(s + c);
+        vm = x > vm ? x : vm;
+    }
+    float m = vm[0];
+    for (int64_t w = 1; w < W; ++w) m = std::max(m, vm[w]);
+    return m;
+}
+
+// s[c] = exp(s[c] - m) in place over ld floats; returns their sum.
+inline float exp_sum(float* s, int64_t ld, float m) {
+    vf vl{};
+    for (int64_t c = 0; c < ld; c += W) {
+        const vf e = exp_neg(load(s + c) - m);
+        store(s + c, e);
+        vl += e;
+    }
+    float l = 0.0f;
+    for (int64_t w = 0; w < W; ++w) l += vl[w];
+    return l;
+}
+
 struct Job {
     const float *q, *k, *v;
     int64_t q_sb, q_sm, k_sb, k_ss, v_sb, v_ss;
@@ -129,24 +154,9 @@ void forward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, float* out,
         for (int64_t i = 0; i < rows; ++i) {
             float* s = scores + i * ld;
             mask_tail(s, std::min<int64_t>(n, pos[first + i] - c0 + 1), ld);  // >= 1 key seen
-            vf vm = load(s);
-            for (int64_t c = W; c < ld; c += W) {
-                const vf x = load(s + c);
-                vm = x > vm ? x : vm;
-            }
-            float cm = vm[0];
-            for (int64_t w = 1; w < W; ++w) cm = std::max(cm, vm[w]);
-            const float m = mx[off + i], mnew = std::max(m, cm);
+            const float m = mx[off + i], mnew = std::max(m, row_max(s, ld));
             const float alpha = exp_neg1(m - mnew);  // 0 on the first chunk (m = -inf)
-            vf vl{};
-            for (int64_t c = 0; c < ld; c += W) {
-                const vf p = exp_neg(load(s + c) - mnew);
-                store(s + c, p);
-                vl += p;
-            }
-            float l = 0.0f;
-            for (int64_t w = 0; w < W; ++w) l += vl[w];
-            sum[off + i] = sum[off + i] * alpha + l;
+            sum[off + i] = sum[off + i] * alpha + exp_sum(s, ld, mnew);
             mx[off + i] = mnew;
             if (alpha != 1.0f) {
                 float* a = acc + (off + i) * hd;
@@ -318,23 +328,9 @@ void moh_decode_heads(const float* q, const int64_t* heads, const int64_t* kv, i
                 for (int64_t c = 0; c < S; ++c)
                     if (!key_mask[c]) s[c] = -INFINITY;
             mask_tail(s, S, ld);
-            vf vm = load(s);
-            for (int64_t c = W; c < ld; c += W) {
-                const vf x = load(s + c);
-                vm = x > vm ? x : vm;
-            }
-            float mx = vm[0];
-            for (int64_t w = 1; w < W; ++w) mx = std::max(mx, vm[w]);
+            const float mx = row_max(s, ld);
             if (mx == -INFINITY) continue;  // sees no key: y_p stays 0
-            vf vl{};
-            for (int64_t c = 0; c < ld; c += W) {
-                const vf e = exp_neg(load(s + c) - mx);
-                store(s + c, e);
-                vl += e;
-            }
-            float l = 0.0f;
-            for (int64_t w = 0; w < W; ++w) l += vl[w];
-            const float inv = 1.0f / l;
+            const float inv = 1.0f / exp_sum(s, ld, mx);
             // y_p = V^T p / l: V row-major (S x hd) = column-major (hd x S)
             sgemv_("N", &m, &n, &inv, v + kv[p] * v_sg, &ldv, s, &one, &zero, y.data() + p * hd, &one);
         }
