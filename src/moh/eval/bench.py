@@ -440,8 +440,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    from moh.backends.sparse import cpu_kernels
+
+    # whether the sparse backend's CPU runs used moh's C++ kernels or torch's (no compiler, ...)
+    kernels = "on" if cpu_kernels.available() else f"off ({cpu_kernels.build_error()})"
     return dict(platform=platform.platform(), cpu=cpu, cpus=os.cpu_count(), threads=torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version(), gpu=gpu,
+                torch=torch.__version__, python=platform.python_version(), gpu=gpu, moh_cpu_kernels=kernels,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -478,7 +482,7 @@ def _run(args: argparse.Namespace) -> int:
           f"median of {args.repeats} (interleaved), "
           f"{args.warmup} warm-up | {args.clock} clock | decode through {args.decode_layers} layers | "
           f"{f'caches flushed ({args.flush_mb} MB) | ' if args.flush_mb else ''}"
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"moh CPU kernels {info['moh_cpu_kernels']} | load average {os.getloadavg()[0]:.1f}")
     cases = [("forward", n, c) for n in args.seq_lens for c in (False, True)]
     cases += [("decode", n, True) for n in args.decode_contexts]
     if args.train_seq_len:
