@@ -83,6 +83,19 @@ def test_bad_inputs_are_named():
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         cpu_kernels.rows_attention(q, q, q, torch.arange(4).view(1, 1, 4), 1.0)
+    q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 6, 8)
+    cases = [
+        (dict(qpos=torch.tensor([[[0, 1, 2, 6]]])), r"\[0, S=6\), got values in \[0, 6\]"),
+        (dict(qpos=torch.tensor([[[-1, 1, 2, 3]]])), r"got values in \[-1, 3\]"),
+        (dict(qpos=torch.tensor([[[0, 3, 2, 5]]])), "ascending"),
+        (dict(qpos=torch.tensor([[0, 1, 2, 3]])), r"qpos \(1, 4\) must be"),
+        (dict(k=torch.randn(1, 1, 6, 4)), r"k \(1, 1, 6, 4\)"),
+        (dict(qblock=0), "qblock=0"),
+    ]
+    for change, message in cases:
+        kw = dict(q=q, k=k, v=k, qpos=torch.tensor([[[0, 1, 2, 5]]]), scale=1.0) | change
+        with pytest.raises(ValueError, match=message):
+            cpu_kernels.rows_attention(**kw)
 
 
 def test_the_sparse_backend_chooses_it():
@@ -159,6 +172,8 @@ def test_head_matvec_is_the_heads_rows_of_the_projection():
         assert cpu_kernels.head_matvec(x, lin.weight, heads[:0], hd).shape == (0, hd)
     with pytest.raises(ValueError, match="head_dim 7"):
         cpu_kernels.head_matvec(x, lin.weight.detach(), heads, 7)
+    with pytest.raises(ValueError, match=r"in \[0, 6\), got \[0, 6\]"):
+        cpu_kernels.head_matvec(x, lin.weight.detach(), torch.tensor([0, 6]), hd)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -198,6 +213,12 @@ def test_decode_heads_matches_reference(threads, hd):
         torch.set_num_threads(before)
     with pytest.raises(TypeError, match="float64"):
         cpu_kernels.decode_heads(q.double(), heads, kv, k, v, None, 0.3, gates, wo)
+    with pytest.raises(ValueError, match=r"heads must lie in \[0, 6\), got \[0, 3, 6\]"):
+        cpu_kernels.decode_heads(q, torch.tensor([0, 3, 6]), kv, k, v, None, 0.3, gates, wo)
+    with pytest.raises(ValueError, match=r"kv_heads must lie in \[0, 3\)"):
+        cpu_kernels.decode_heads(q, heads, torch.tensor([0, 1, 3]), k, v, None, 0.3, gates, wo)
+    with pytest.raises(ValueError, match="key_mask"):
+        cpu_kernels.decode_heads(q, heads, kv, k, v, mask[:-1], 0.3, gates, wo)
 
 
 LAYERS = [  # MoHAttention settings of a decoded token through the sparse backend's CPU decode path

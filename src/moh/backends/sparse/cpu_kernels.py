@@ -190,16 +190,28 @@ class _RowsAttention(torch.autograd.Function):
 
 
 def rows_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, scale: float, qblock: int = 128,
-                   kblock: int = 512, dblock: int = 64) -> Tensor:
+                   kblock: int = 512, dblock: int = 64, check: bool = True) -> Tensor:
     """softmax(q k^T * scale) v of rows q (B, P, M, hd), row m of head p seeing keys
     [0, qpos[b, p, m]] of k, v (B, P, S, hd); ``qpos`` (B, P or 1, M) int64, ascending along M,
-    in [0, S). fp32 CPU tensors; needs :func:`available`."""
+    in [0, S). fp32 CPU tensors; needs :func:`available`. ``check=False`` skips the checks of
+    shapes and row positions (the sparse backend, whose rows are built to fit)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
-    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
-        raise TypeError(f"rows_attention takes fp32 tensors, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type != "cpu":
-        raise ValueError(f"rows_attention runs on CPU tensors, got {q.device}")
+    if check:
+        _check_fp32_cpu(q=q, k=k, v=v)
+        B, P, M, hd = q.shape
+        if k.shape != v.shape or k.dim() != 4 or tuple(k.shape[:2]) != (B, P) or k.shape[3] != hd:
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B, P, S, hd) = "
+                             f"({B}, {P}, S, {hd}) for q {tuple(q.shape)}")
+        if qpos.dim() != 3 or qpos.shape[0] != B or qpos.shape[1] not in (1, P) or qpos.shape[2] != M:
+            raise ValueError(f"qpos {tuple(qpos.shape)} must be (B, P or 1, M) = ({B}, {P} or 1, {M})")
+        if qblock < 1 or kblock < 1 or dblock < 1:
+            raise ValueError(f"block sizes must be positive, got qblock={qblock} kblock={kblock} dblock={dblock}")
+        if M and (int(qpos.min()) < 0 or int(qpos.max()) >= k.shape[2]):
+            raise ValueError(f"qpos must lie in [0, S={k.shape[2]}), got values in "
+                             f"[{int(qpos.min())}, {int(qpos.max())}]")
+        if M > 1 and bool((qpos.diff(dim=-1) < 0).any()):
+            raise ValueError("qpos must be ascending along M (rows sorted by key index)")
     return _RowsAttention.apply(q, k, v, qpos.to(torch.int64), scale, qblock, kblock, dblock)
 
 
@@ -213,17 +225,25 @@ def _check_fp32_cpu(**tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
 
 
-def head_matvec(x: Tensor, weight: Tensor, heads: Tensor, head_dim: int, bias: Optional[Tensor] = None) -> Tensor:
+def head_matvec(x: Tensor, weight: Tensor, heads: Tensor, head_dim: int, bias: Optional[Tensor] = None,
+                check: bool = True) -> Tensor:
     """Queries of one token for some heads: ``(weight[h*hd:(h+1)*hd] @ x + bias[...])`` for h in
     ``heads`` -> (P, hd); x (D,), weight (H*hd, D) (a linear layer's), heads (P,) int64. Inference
-    only (no autograd); needs :func:`available`."""
+    only (no autograd); needs :func:`available`. ``check=False``: the caller guarantees the
+    shapes and head indices (the sparse backend)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
-    _check_fp32_cpu(x=x, weight=weight, bias=bias)
     x, heads = x.contiguous(), heads.to(torch.int64).contiguous()
     D = x.shape[0]
-    if weight.shape[1] != D or weight.shape[0] % head_dim:
-        raise ValueError(f"weight {tuple(weight.shape)} does not fit x ({D},) and head_dim {head_dim}")
+    if check:
+        _check_fp32_cpu(x=x, weight=weight, bias=bias)
+        if x.dim() != 1 or weight.dim() != 2 or weight.shape[1] != D or weight.shape[0] % head_dim:
+            raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} and head_dim {head_dim}")
+        H = weight.shape[0] // head_dim
+        if heads.dim() != 1 or (heads.numel() and (int(heads.min()) < 0 or int(heads.max()) >= H)):
+            raise ValueError(f"heads must be a 1-d tensor of head indices in [0, {H}), got {heads.tolist()}")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias {tuple(bias.shape)} must be ({weight.shape[0]},)")
     bias = None if bias is None else bias.contiguous()
     out = torch.empty(heads.shape[0], head_dim, dtype=torch.float32)
     library().moh_head_matvec(x.data_ptr(), weight.data_ptr(), weight.stride(0),
@@ -233,18 +253,29 @@ def head_matvec(x: Tensor, weight: Tensor, heads: Tensor, head_dim: int, bias: O
 
 
 def decode_heads(q: Tensor, heads: Tensor, kv_heads: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
-                 scale: float, gates: Tensor, o_weight: Tensor) -> Tensor:
+                 scale: float, gates: Tensor, o_weight: Tensor, check: bool = True) -> Tensor:
     """One decoded token of one sequence: ``sum_p gates[p] * W_O[:, head p] softmax(scale * k[kv_p] q_p) v[kv_p]``
     -> (D,). q (P, hd) the active heads' queries, heads / kv_heads (P,) their query and key/value
     heads, k and v (G, S, hd) the cache (views, read in place), key_mask (S,) bool or None (a head
-    that sees no key adds 0), gates (P,), o_weight (D, H*hd) (a linear layer's). Inference only."""
+    that sees no key adds 0), gates (P,), o_weight (D, H*hd) (a linear layer's). Inference only.
+    ``check=False``: the caller guarantees shapes and indices (the sparse backend)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
-    _check_fp32_cpu(q=q, k=k, v=v, gates=gates, o_weight=o_weight)
     P, hd = q.shape
     G, S, _ = k.shape
-    if tuple(v.shape) != (G, S, hd) or k.shape[2] != hd:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (G, S, {hd})")
+    if check:
+        _check_fp32_cpu(q=q, k=k, v=v, gates=gates, o_weight=o_weight)
+        if tuple(v.shape) != (G, S, hd) or k.shape[2] != hd:
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (G, S, {hd})")
+        E = o_weight.shape[1]
+        for name, idx, bound in (("heads", heads, E // hd), ("kv_heads", kv_heads, G)):
+            if idx.shape != (P,):
+                raise ValueError(f"{name} must have shape ({P},) like q's rows, got {tuple(idx.shape)}")
+            if P and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+                raise ValueError(f"{name} must lie in [0, {bound}), got {idx.tolist()}")
+        if gates.shape != (P,) or (key_mask is not None and key_mask.shape != (S,)):
+            raise ValueError(f"gates {tuple(gates.shape)} must be ({P},) and key_mask "
+                             f"{None if key_mask is None else tuple(key_mask.shape)} ({S},)")
     q, gates = q.contiguous(), gates.contiguous()
     heads, kv_heads = heads.to(torch.int64).contiguous(), kv_heads.to(torch.int64).contiguous()
     mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()

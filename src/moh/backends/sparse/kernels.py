@@ -153,7 +153,7 @@ def _flash_rows(job: Attend, tuning: SparseTuning) -> Tensor:
 def _cpu_rows(job: Attend, tuning: SparseTuning) -> Tensor:
     dtype = job.q.dtype  # one dtype for the kernel (autocast may leave keys in another)
     return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), job.qpos, job.scale, tuning.rows_block,
-                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk)
+                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk, check=False)
 
 
 def _blocks(job: Attend, tuning: SparseTuning) -> Tensor:
