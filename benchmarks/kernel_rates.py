@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moh.backends.sparse import cpu_kernels
-from moh.backends.sparse.cpu_kernels import rows_attention
+from moh.kernels import cpu as cpu_kernels
+from moh.kernels.cpu import rows_attention
 from moh.backends.sparse.kernels import causal_flash
 
 

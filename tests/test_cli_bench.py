@@ -21,7 +21,7 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert {"platform", "cpu", "threads", "torch", "date"} <= set(data["machine"])
     assert data["machine"]["threads"] == 1 and data["settings"]["clock"] == "cpu"
-    from moh.backends.sparse import cpu_kernels  # the record says which CPU kernels the runs used
+    from moh.kernels import cpu as cpu_kernels  # the record says which CPU kernels the runs used
 
     assert data["machine"]["moh_cpu_kernels"] == ("on" if cpu_kernels.available() else f"off ({cpu_kernels.build_error()})")
     rows = data["results"]

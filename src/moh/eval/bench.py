@@ -440,7 +440,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    from moh.backends.sparse import cpu_kernels
+    from moh.kernels import cpu as cpu_kernels
 
     # whether the sparse backend's CPU runs used moh's C++ kernels or torch's (no compiler, ...)
     kernels = "on" if cpu_kernels.available() else f"off ({cpu_kernels.build_error()})"

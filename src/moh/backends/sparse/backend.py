@@ -97,7 +97,7 @@ def _cpu_decode_fits(call: AttentionCall) -> bool:
     """Whether moh's CPU decode kernels can run this one-token step of one sequence: plain fp32
     linear query/output projections, fp32 cache, a key-padding mask or none, no gradient needed
     (they have no backward), and the kernels built."""
-    from moh.backends.sparse import cpu_kernels
+    from moh.kernels import cpu as cpu_kernels
 
     wq, wo = call.q.proj, call.out.proj
     if not (call.q.sliceable and call.out.sliceable and call.dropout_p == 0):
@@ -113,12 +113,12 @@ def _cpu_decode_fits(call: AttentionCall) -> bool:
 
 
 def _one_token_cpu(call: AttentionCall) -> Tensor:
-    """One new token of one sequence on CPU with moh's kernels (``cpu_kernels``): the queries of
+    """One new token of one sequence on CPU with moh's kernels (``moh.kernels.cpu``): the queries of
     its active heads only (their rows of W_Q; or slices of the raw projection a router made), their
     attention over their KV cache read in place, their gated output projection (their columns of
     W_O), in two calls, where the torch-operation path (``_one_token``) costs ~150 small operations
     per layer and reads every head's query and output weights."""
-    from moh.backends.sparse import cpu_kernels
+    from moh.kernels import cpu as cpu_kernels
 
     _, _, H = call.shape
     G, hd = call.k.shape[1], call.v.shape[-1]

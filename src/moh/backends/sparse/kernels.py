@@ -16,7 +16,7 @@ rows that may attend to no key give exactly 0 (as ``masked_softmax`` in the refe
         CUDA, ``tuning.triton``, no dropout
                                   -> "triton_rows" moh's Triton kernel (``triton_kernels``)
         mask "causal_rows", CPU, fp32, no dropout, ``tuning.cpu_rows`` and the kernel builds
-                                  -> "cpu_rows"   moh's C++ CPU kernel (``cpu_kernels``)
+                                  -> "cpu_rows"   moh's C++ CPU kernel (``moh.kernels.cpu``)
         mask "causal_rows", CPU, fp32, no dropout
                                   -> "flash_rows" torch's fused CPU flash kernel per row block
     anything else causal          -> "blocks"     a hand-written blocked kernel (portable; the
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moh.backends.base import masked_softmax
-from moh.backends.sparse import cpu_kernels
+from moh.kernels import cpu as cpu_kernels
 from moh.backends.sparse.rows import kv_for_heads
 from moh.backends.sparse.tuning import SparseTuning
 

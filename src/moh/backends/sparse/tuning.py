@@ -55,7 +55,7 @@ class SparseTuning:
     # D=768, 12 heads, 50%, B=8, 1 thread, ms per layer, union / per sequence (SDPA): 256 keys
     # 3.81 / 4.34 (3.22), 512: 5.19 / 5.00 (4.58), 1024: 5.76 / 4.60 (5.16), 4096: 38.1 / 13.5 (22.8)
     decode_per_sequence_keys: int = 512
-    # moh's C++ kernel for gathered causal rows on CPU (moh.backends.sparse.cpu_kernels; built on
+    # moh's C++ kernel for gathered causal rows on CPU (moh.kernels.cpu; built on
     # first use, torch's kernels below if it cannot be). One head x 840 of 2048 rows, hd=64, 1
     # thread, Intel Xeon (AVX-512) VM: forward 2.0 ms, forward+backward 6.4 ms, against 3.8 / 12.6
     # for the flash rows below and 2.1 / 7.1 for the same pairs inside SDPA's dense causal kernel
@@ -104,10 +104,10 @@ TUNINGS = {"cpu": CPU, "cuda": CUDA}
 
 def tuning_for(device: str | torch.device) -> SparseTuning:
     """The tuning of a device kind ("cpu", "cuda", ...); other kinds get the portable one. On CPU
-    the first call builds moh's rows kernel if it is not built yet (``cpu_kernels``)."""
+    the first call builds moh's rows kernel if it is not built yet (``moh.kernels.cpu``)."""
     kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if kind == "cpu":
-        from moh.backends.sparse import cpu_kernels
+        from moh.kernels import cpu as cpu_kernels
 
         return CPU if cpu_kernels.available() else CPU_TORCH
     return TUNINGS.get(kind, PORTABLE)

@@ -1,4 +1,4 @@
-// moh's CPU kernels for the sparse backend, fp32 (moh/backends/sparse/cpu_kernels.py builds and
+// moh's CPU kernels, fp32 (moh/kernels/cpu.py builds and
 // loads them; kernels.py and backend.py choose them):
 //
 // * moh_rows_forward / moh_rows_backward: causal attention of gathered query rows, each row at

@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from moh.backends.sparse import cpu_kernels, kernels
+from moh.backends.sparse import kernels
+from moh.kernels import cpu as cpu_kernels
 from moh.backends.sparse.tuning import CPU, CPU_TORCH, replace, tuning_for
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"no C++ build here: {cpu_kernels.build_error()}")
