@@ -297,3 +297,49 @@ def test_unwritable_cache_builds_in_a_temporary_directory(fresh, monkeypatch, tm
     assert os.listdir(fresh) == []
     built = list((tmp / f"moh-kernels-{os.getuid()}").iterdir())
     assert len(built) == 1 and built[0].name.startswith("cpu_kernels-")
+
+
+# ---------------------------------------------------------------------------------------------
+# the two-stage router for a few tokens
+
+
+@pytest.mark.parametrize("shared,top_k", [(0, 2), (1, 3), (2, 1), (2, 4), (3, 6)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties):
+    """Decode-sized inputs without autograd take moh's C++ router; with autograd the torch
+    operations run: same gates, active heads and probabilities, also when every routed logit is
+    equal (zero weights: ties go to the lower index in both)."""
+    from moh.config import MoHConfig
+    from moh.core import routers
+
+    torch.manual_seed(shared * 10 + top_k)
+    r = routers.build_router(MoHConfig(dim=24, num_heads=shared + 6, head_dim=4, num_shared=shared, top_k=top_k))
+    if ties:
+        with torch.no_grad():
+            r.w_routed.weight.zero_()
+    calls = []
+    real = cpu_kernels.two_stage_router
+    for shape in [(1, 1, 24), (3, 1, 24), (2, 5, 24)]:
+        x = torch.randn(shape)
+        cpu_kernels.two_stage_router = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        try:
+            with torch.no_grad():
+                fast = r(x, None)
+        finally:
+            cpu_kernels.two_stage_router = real
+        slow = r(x, None)  # autograd on, weights require grad: the torch path
+        assert torch.equal(fast.active_BTH, slow.active_BTH)
+        torch.testing.assert_close(fast.gates_BTH, slow.gates_BTH.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(fast.probs_BTE, slow.probs_BTE.detach(), atol=1e-6, rtol=1e-5)
+        assert fast.learned and fast.num_shared == shared
+        if ties:  # the lowest top_k routed heads
+            assert fast.active_BTH[..., shared:shared + top_k].all() and not fast.active_BTH[..., shared + top_k:].any()
+    assert len(calls) == 3
+
+
+def test_two_stage_router_bad_inputs_are_named():
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="top_k=5"):
+        cpu_kernels.two_stage_router(x, w, None, 1, None, 5)
+    with pytest.raises(ValueError, match=r"\(3, 8\)"):
+        cpu_kernels.two_stage_router(x, w, torch.randn(3, 8), 2, None, 2)

@@ -1,6 +1,7 @@
 """moh's own CPU kernels (``csrc/cpu_kernels.cpp``): causal attention of gathered rows
-(:func:`rows_attention`) and one decode step of one sequence for its active heads only
-(:func:`head_matvec`, :func:`decode_heads`).
+(:func:`rows_attention`), one decode step of one sequence for its active heads only
+(:func:`head_matvec`, :func:`decode_heads`), and the two-stage router for a few tokens
+(:func:`two_stage_router`).
 
 Rows: torch's CPU kernels run gathered causal rows at about half the rate of a whole causal head: a
 row's keys end at its own position, so no single call covers many rows (RESULTS.md, issue 11).
@@ -43,7 +44,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 2  # moh_rows_abi() of the source this module speaks to
+ABI = 3  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -114,6 +115,8 @@ def _build() -> ctypes.CDLL:
                                       ptr, ptr, ptr, i64, i64, i64, i64, f32, i64, i64, i64, ctypes.c_int]
     lib.moh_head_matvec.restype = None
     lib.moh_head_matvec.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.moh_two_stage_router.restype = None
+    lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
     lib.moh_decode_heads.restype = None
     lib.moh_decode_heads.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
                                      i64, i64, ptr, ctypes.c_int]
@@ -286,3 +289,39 @@ def decode_heads(q: Tensor, heads: Tensor, kv_heads: Tensor, k: Tensor, v: Tenso
                                None if mask is None else mask.data_ptr(), scale, gates.data_ptr(), o_weight.data_ptr(),
                                o_weight.stride(0), D, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], num_shared: int,
+                     w_balance: Optional[Tensor], top_k: int, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The paper's two-stage router (``moh.core.routers.TwoStageRouter``) for the tokens of x
+    (n, D) -> gates (n, H), active (n, H) bool, probs (n, E), H = num_shared + E. ``w_shared``
+    (num_shared, D) or None (gate 1), ``w_balance`` (2, D) or None. Top-k ties go to the lower
+    index. For a few tokens (decode steps); inference only (no autograd). ``check=False``: the
+    caller guarantees fp32, contiguous weights and the shapes (the router)."""
+    if library() is None:
+        raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
+    n, D = x.shape
+    E = w_routed.shape[0]
+    if check:
+        _check_fp32_cpu(x=x, w_routed=w_routed, w_shared=w_shared, w_balance=w_balance)
+        if w_routed.shape != (E, D) or (w_shared is not None and w_shared.shape != (num_shared, D)) or \
+                (w_balance is not None and w_balance.shape != (2, D)):
+            raise ValueError(f"router weights {tuple(w_routed.shape)}, "
+                             f"{None if w_shared is None else tuple(w_shared.shape)}, "
+                             f"{None if w_balance is None else tuple(w_balance.shape)} do not fit x {tuple(x.shape)} "
+                             f"with {num_shared} shared heads")
+        if not 1 <= top_k <= E:
+            raise ValueError(f"top_k={top_k} must be in [1, E={E}]")
+        w_routed = w_routed.contiguous()
+        w_shared = None if w_shared is None else w_shared.contiguous()
+        w_balance = None if w_balance is None else w_balance.contiguous()
+    x = x.contiguous()
+    H = num_shared + E
+    gates = torch.empty(n, H)
+    active = torch.empty(n, H, dtype=torch.bool)
+    probs = torch.empty(n, E)
+    library().moh_two_stage_router(x.data_ptr(), n, D, w_routed.data_ptr(), E,
+                                   None if w_shared is None else w_shared.data_ptr(), num_shared,
+                                   None if w_balance is None else w_balance.data_ptr(), top_k, gates.data_ptr(),
+                                   active.data_ptr(), probs.data_ptr())
+    return gates, active, probs

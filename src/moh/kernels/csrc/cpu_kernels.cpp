@@ -5,7 +5,8 @@
 //   its own key index (its causal horizon);
 // * moh_head_matvec / moh_decode_heads: one decode step of one sequence for its active heads
 //   only: their queries (their rows of W_Q), their attention over their KV cache (read in place),
-//   their gated output projection (their columns of W_O), in two calls.
+//   their gated output projection (their columns of W_O), in two calls;
+// * moh_two_stage_router: the paper's two-stage router for a few tokens (decode steps).
 //
 // Rows attention:
 // For every (item, head) the M rows are sorted by key index. A block of up to `qblock` rows
@@ -216,7 +217,7 @@ void backward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, const floa
 
 extern "C" {
 
-int moh_rows_abi() { return 2; }
+int moh_rows_abi() { return 3; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -355,6 +356,77 @@ void moh_decode_heads(const float* q, const int64_t* heads, const int64_t* kv, i
             for (int64_t w = 0; w < W; ++w) t += acc[w];
             out[d] = t;
         }
+    }
+}
+
+// The two-stage router (paper Eqs. 4-6; moh/core/routers.py TwoStageRouter) for n tokens x (n, D):
+// probs = softmax(W_r x) over the E routed heads; the top K (ties: the lower index, as the torch
+// path's stable sort), renormalised to sum K; shared gates softmax(W_s x) * S (w_shared null: 1);
+// with w_balance, [a1, a2] = softmax(W_h x) * 2 scale the shared and the routed gates. Writes gates
+// (n, S + E) (0 where unused), active (n, S + E) as 0/1 bytes, probs (n, E). Weights row-major.
+void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_routed, int64_t E,
+                          const float* w_shared, int64_t S, const float* w_balance, int64_t K, float* gates,
+                          uint8_t* active, float* probs) {
+    const int64_t H = S + E;
+    std::vector<float> logit(E + S + 2);
+    std::vector<uint8_t> taken(E);
+    auto dot = [D](const float* w, const float* v) {
+        float t = 0.0f;
+#pragma omp simd reduction(+ : t)
+        for (int64_t d = 0; d < D; ++d) t += w[d] * v[d];
+        return t;
+    };
+    auto softmax = [](float* z, int64_t m) {
+        float mx = z[0];
+        for (int64_t i = 1; i < m; ++i) mx = std::max(mx, z[i]);
+        float sum = 0.0f;
+        for (int64_t i = 0; i < m; ++i) sum += (z[i] = std::exp(z[i] - mx));
+        for (int64_t i = 0; i < m; ++i) z[i] /= sum;
+    };
+    for (int64_t t = 0; t < n; ++t) {
+        const float* xt = x + t * D;
+        float* g = gates + t * H;
+        uint8_t* a = active + t * H;
+        float* p = probs + t * E;
+        for (int64_t e = 0; e < E; ++e) p[e] = dot(w_routed + e * D, xt);
+        softmax(p, E);
+        float* sh = logit.data();
+        for (int64_t i = 0; i < S; ++i) sh[i] = w_shared != nullptr ? dot(w_shared + i * D, xt) : 0.0f;
+        if (w_shared != nullptr) {
+            softmax(sh, S);
+            for (int64_t i = 0; i < S; ++i) sh[i] *= static_cast<float>(S);
+        } else {
+            for (int64_t i = 0; i < S; ++i) sh[i] = 1.0f;
+        }
+        float bal[2] = {1.0f, 1.0f};
+        if (w_balance != nullptr) {
+            bal[0] = dot(w_balance, xt);
+            bal[1] = dot(w_balance + D, xt);
+            softmax(bal, 2);
+            bal[0] *= 2.0f;
+            bal[1] *= 2.0f;
+        }
+        std::fill(g, g + H, 0.0f);
+        std::fill(a, a + H, 0);
+        std::fill(taken.begin(), taken.end(), 0);
+        float chosen = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {  // top-K by selection: K is small
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)
+                if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+            taken[best] = 1;
+            chosen += p[best];
+        }
+        const float norm = static_cast<float>(K) / std::max(chosen, 1.17549435e-38f);
+        for (int64_t i = 0; i < S; ++i) {
+            g[i] = sh[i] * bal[0];
+            a[i] = 1;
+        }
+        for (int64_t e = 0; e < E; ++e)
+            if (taken[e]) {
+                g[S + e] = p[e] * norm * bal[1];
+                a[S + e] = 1;
+            }
     }
 }
 
