@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moh.backends.base import masked_softmax
-from moh.kernels import cpu as cpu_kernels
 from moh.backends.sparse.rows import kv_for_heads
 from moh.backends.sparse.tuning import SparseTuning
+from moh.kernels import cpu as cpu_kernels
 
 
 @dataclass
