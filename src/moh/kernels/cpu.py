@@ -21,8 +21,9 @@ the flags, the compiler and the CPU (``$MOH_KERNEL_CACHE``, else ``~/.cache/moh/
 per-user temporary directory if that is not writable);
 the shared library is written to a temporary name and renamed, so a concurrent or interrupted
 build never leaves a partial file. Without a compiler, with a failed build, or with
-``MOH_CPU_KERNEL=0`` :func:`available` is False and the sparse backend uses torch's kernels
-(``moh.backends.sparse.kernels.causal_flash``); :func:`build_error` says why.
+``MOH_CPU_KERNEL=0`` :func:`available` is False and the sparse backend and the router use
+torch's operations (for causal rows ``moh.backends.sparse.kernels.causal_flash``); one
+RuntimeWarning says so and :func:`build_error` says why.
 
 Shape legend: B batch, P heads, M rows per head, S key positions, hd head width.
 """
