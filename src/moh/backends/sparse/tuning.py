@@ -82,11 +82,9 @@ class SparseTuning:
     triton_tuning: Optional[Any] = None
 
     def __post_init__(self) -> None:
-        if self.chunk_bytes_threaded is not None and self.chunk_bytes_threaded < 1:
-            raise ValueError(f"SparseTuning.chunk_bytes_threaded={self.chunk_bytes_threaded} must be positive")
-        for name in ("row_block", "chunk_bytes", "flash_block", "flash_grid", "few_rows", "rows_block",
-                     "rows_key_chunk", "rows_diagonal_chunk"):
-            if getattr(self, name) < (0 if name == "few_rows" else 1):
+        for name in ("row_block", "chunk_bytes", "chunk_bytes_threaded", "flash_block", "flash_grid", "few_rows",
+                     "rows_block", "rows_key_chunk", "rows_diagonal_chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < (0 if name == "few_rows" else 1):
                 raise ValueError(f"SparseTuning.{name}={getattr(self, name)} must be positive")
 
 
