@@ -125,7 +125,7 @@ def cases(draw):
         chunk_bytes=draw(st.sampled_from([1, 8 << 20])), per_sequence=draw(st.sampled_from([0, 512])),
         seed=draw(st.integers(0, 10_000)),
         dense_from=draw(st.sampled_from([0.0, 0.6, 1.01])),
-        cpu_rows=draw(st.booleans()), rows_blocks=draw(st.sampled_from([(1, 1, 1), (3, 2, 2), (128, 512, 64)])),
+        cpu_rows=draw(st.booleans()), cpu_projections=draw(st.booleans()), rows_blocks=draw(st.sampled_from([(1, 1, 1), (3, 2, 2), (128, 512, 64)])),
     )
 
 
@@ -143,11 +143,13 @@ def test_backends_match_reference(case):
     # small blocks: several blocks even on these tiny sequences; dense_from 0 computes every used
     # head for all rows (gate 0 where unused), 1.01 gathers every partially used head; chunks of
     # one head (CPU) or of several; decode steps of a batch per sequence (0) or by shared heads;
-    # causal rows with moh's CPU kernel (blocks of 1-3 rows and keys, or its defaults) or torch's
+    # causal rows with moh's CPU kernel (blocks of 1-3 rows and keys, or its defaults) or torch's;
+    # the projections of gathered rows with moh's CPU kernels or torch's operations
     knobs = dict(row_block=case["row_block"], flash_block=case["row_block"], flash_grid=case["flash_grid"],
                  chunk_bytes=case["chunk_bytes"], chunk_bytes_threaded=case["chunk_bytes"], decode_per_sequence_keys=case["per_sequence"],
                  dense_from=case["dense_from"],
                  dense_from_causal=case["dense_from"], cpu_rows=case["cpu_rows"],
+                 cpu_projections=case["cpu_projections"],
                  rows_block=case["rows_blocks"][0], rows_key_chunk=case["rows_blocks"][1],
                  rows_diagonal_chunk=case["rows_blocks"][2])
     BACKENDS.register("sparse_case", overwrite=True)(SparseBackend(replace(CPU, **knobs)))

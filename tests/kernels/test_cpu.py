@@ -3,6 +3,7 @@ gradients, block sizes that split tiny problems into many blocks, 1 and 2 thread
 key/value views, broadcast and repeated row positions; its build cache and its fallback."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -343,3 +344,111 @@ def test_two_stage_router_bad_inputs_are_named():
         cpu_kernels.two_stage_router(x, w, None, 1, None, 5)
     with pytest.raises(ValueError, match=r"\(3, 8\)"):
         cpu_kernels.two_stage_router(x, w, torch.randn(3, 8), 2, None, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-head products of gathered rows (the projections of the sparse backend)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pieces(gen, n, D, H, hd, counts):
+    rows = [torch.randperm(n, generator=gen)[:c].sort().values for c in counts]
+    rows[0] = torch.cat([rows[0], rows[0][-1:].repeat(3)])  # padding: the last row repeated
+    return rows
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("blocks", [(64, 32), (7, 5), (1000, 1000)])  # token block, rows per product
+def test_scatter_mm_matches_index_add(threads, blocks):
+    """Rows pieces (weight blocks read in place as transposed column slices, and row slices),
+    an every-row piece, repeated (padding) rows, a piece with no rows, out zeroed or added to."""
+    gen = torch.Generator().manual_seed(threads)
+    n, D, H, hd = 150, 40, 5, 12
+    W = torch.randn(D, H * hd, generator=gen)  # like W_O: head h is W[:, h*hd:(h+1)*hd]
+    Wq = torch.randn(H * hd, D, generator=gen)  # like W_Q: head h is Wq[h*hd:(h+1)*hd]
+    rows = _pieces(gen, n, D, H, hd, [60, 1, 149, 0])
+    pieces = [(r, torch.randn(r.numel(), hd, generator=gen), (W[:, h * hd:(h + 1) * hd].t() if h % 2 else
+                                                            Wq[h * hd:(h + 1) * hd])) for h, r in enumerate(rows)]
+    pieces.append((None, torch.randn(n, 2 * hd, generator=gen), W[:, 3 * hd:5 * hd].t()))
+    start = torch.randn(n, D, generator=gen)
+    ref = start.clone()
+    for r, a, b in pieces:
+        ref.index_add_(0, torch.arange(n) if r is None else r, a @ b)
+    with torch.no_grad(), _threads(threads):
+        tb, mb = blocks
+        torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, tblock=tb, mblock=mb), ref)
+        torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, zero=True, tblock=tb, mblock=mb),
+                                   ref - start)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("blocks", [(64, 32), (7, 5), (1000, 1000)])
+@pytest.mark.parametrize("num_pieces", [1, 4])  # fewer pieces than threads: row blocks in parallel
+def test_gather_mm_matches_index_select(threads, blocks, num_pieces):
+    """Products of gathered rows with weight blocks read in place, weight gradients added into
+    (k, D) row slices and transposed (D, k) column slices, every-row pieces, preallocated outputs."""
+    gen = torch.Generator().manual_seed(7 + num_pieces)
+    n, D, H, hd = 130, 36, 5, 10
+    x = torch.randn(n, D, generator=gen)
+    W = torch.randn(D, H * hd, generator=gen)
+    Wq = torch.randn(H * hd, D, generator=gen)
+    rows = _pieces(gen, n, D, H, hd, [50, 129, 3])[:num_pieces - 1] + [None]
+    g_rows, g_cols = torch.randn(H * hd, D, generator=gen), torch.randn(D, H * hd, generator=gen)
+    want_rows, want_cols = g_rows.clone(), g_cols.clone()
+    pieces, refs = [], []
+    for h, r in enumerate(rows):
+        xr = x if r is None else x[r]
+        e = torch.randn(xr.shape[0], hd, generator=gen)
+        cols = slice(h * hd, (h + 1) * hd)
+        if h % 2:
+            pieces.append((r, W[:, cols], e, g_cols[:, cols].t()))
+            refs.append(xr @ W[:, cols])
+            want_cols[:, cols] += xr.t() @ e
+        else:
+            pieces.append((r, Wq[cols].t(), e, g_rows[cols]))
+            refs.append(xr @ Wq[cols].t())
+            want_rows[cols] += e.t() @ xr
+    out = [None] + [torch.empty(ref.shape) for ref in refs[1:]]
+    with torch.no_grad(), _threads(threads):
+        tb, mb = blocks
+        got = cpu_kernels.gather_mm(x, pieces, tblock=tb, mblock=mb, out=out)
+    for g, ref in zip(got, refs):
+        torch.testing.assert_close(g, ref)
+    assert all(g is o for g, o in zip(got[1:], out[1:]))
+    torch.testing.assert_close(g_rows, want_rows)
+    torch.testing.assert_close(g_cols, want_cols)
+    # products only, gradients only
+    assert cpu_kernels.gather_mm(x, [(rows[0], Wq[:hd].t(), None, None)])[0].shape == (x.shape[0] if rows[0] is None
+                                                                                       else rows[0].numel(), hd)
+    before = g_rows.clone()
+    assert cpu_kernels.gather_mm(x, [(None, None, torch.ones(n, hd), g_rows[:hd])]) == [None]
+    torch.testing.assert_close(g_rows[:hd], before[:hd] + x.sum(0).expand(hd, D))
+
+
+def test_gathered_products_bad_inputs_are_named():
+    x, w = torch.randn(10, 8), torch.randn(8, 4)
+    out = torch.zeros(10, 8)
+    with pytest.raises(ValueError, match="ascending"):
+        cpu_kernels.scatter_mm(out, [(torch.tensor([3, 1]), torch.randn(2, 4), w.t())])
+    with pytest.raises(ValueError, match=r"in \[0, 10\), got \[1, 10\]"):
+        cpu_kernels.scatter_mm(out, [(torch.tensor([1, 10]), torch.randn(2, 4), w.t())])
+    with pytest.raises(ValueError, match=r"must be \(m, k\) and \(k, 8\)"):
+        cpu_kernels.scatter_mm(out, [(None, torch.randn(10, 4), w)])
+    with pytest.raises(ValueError, match="all n=10 rows"):
+        cpu_kernels.scatter_mm(out, [(None, torch.randn(9, 4), w.t())])
+    with pytest.raises(TypeError, match="fp32"):
+        cpu_kernels.gather_mm(x.double(), [(None, w, None, None)])
+    with pytest.raises(ValueError, match="unit stride in one dimension"):
+        cpu_kernels.gather_mm(x, [(None, torch.randn(100).as_strided((8, 4), (2, 3)), None, None)])
+    with pytest.raises(ValueError, match="nothing to compute"):
+        cpu_kernels.gather_mm(x, [(None, None, None, None)])
+    assert torch.equal(out, torch.zeros(10, 8))  # nothing written by a rejected call

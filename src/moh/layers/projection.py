@@ -93,10 +93,11 @@ class QueryProjection:
         -> (B, P, M, hd), after qk-norm and RoPE at ``positions_BPM``."""
         return self.rows_many([(heads, tokens_BPM, positions_BPM)])[0]
 
-    def rows_many(self, groups: list[tuple[list[int], Tensor, Tensor]]) -> list[Tensor]:
+    def rows_many(self, groups: list[tuple[list[int], Tensor, Tensor]], cpu_kernels: bool = False) -> list[Tensor]:
         """``rows`` of several groups (heads, tokens_BPM, positions_BPM) at once: for a plain linear
         one autograd node for all of them, so the backward accumulates one input gradient, not one
-        full-size gradient per group."""
+        full-size gradient per group. ``cpu_kernels``: the products may run as moh's CPU kernels
+        where the tensors allow (``OutputProjection.start``)."""
         B, T, D = self.x.shape
         H, hd = self.num_heads, self.head_dim
         offset = (torch.arange(B, device=self.x.device) * T)[:, None, None]
@@ -109,7 +110,7 @@ class QueryProjection:
                 qs.append(raw.index_select(0, flat).view(*tokens_BPM.shape, hd))
         else:
             qs = gather_matmuls(self.x.reshape(B * T, D), self.proj.weight.view(H, hd, D),
-                                [(heads, offset + tokens_BPM) for heads, tokens_BPM, _ in groups])
+                                [(heads, offset + tokens_BPM) for heads, tokens_BPM, _ in groups], cpu_kernels)
             if self.proj.bias is not None:
                 bias = self.proj.bias.view(H, hd)
                 qs = [q + bias[heads][:, None] for q, (heads, _, _) in zip(qs, groups)]
@@ -140,8 +141,13 @@ class OutputProjection:
     def dense(self, heads_BTHd: Tensor) -> Tensor:
         return self.proj(heads_BTHd.flatten(-2))
 
-    def start(self, B: int, T: int) -> "_Accumulator":
-        return (_SlicedSum if self.sliceable else _DenseHeads)(self, B, T)
+    def start(self, B: int, T: int, cpu_kernels: bool = False) -> "_Accumulator":
+        """``cpu_kernels``: the products of pieces given by rows may run as moh's CPU kernels
+        (``moh.kernels.cpu.scatter_mm`` / ``gather_mm``) where the tensors allow (fp32 CPU, no
+        autocast): the sparse backend's choice (its tuning)."""
+        if not self.sliceable:
+            return _DenseHeads(self, B, T)
+        return _SlicedSum(self, B, T, cpu_kernels)
 
 
 class _SlicedSum:
@@ -149,8 +155,8 @@ class _SlicedSum:
     the (n, D) output, all pieces in one autograd node (``_GatedOutput``): no work for unused
     (row, head) pairs, no gated or projected copy of a piece kept for backward."""
 
-    def __init__(self, op: OutputProjection, B: int, T: int):
-        self.op, self.B, self.T = op, B, T
+    def __init__(self, op: OutputProjection, B: int, T: int, cpu_kernels: bool = False):
+        self.op, self.B, self.T, self.cpu_kernels = op, B, T, cpu_kernels
         self.pieces: list[tuple] = []  # ("heads", h0, h1) or ("rows", heads) with their tensors
         self.tensors: list[Tensor] = []
 
@@ -172,7 +178,8 @@ class _SlicedSum:
             autocast = torch.is_autocast_enabled(device)
             dtype = torch.get_autocast_dtype(device) if autocast else w.dtype
             tensors = [t if t.dtype in (torch.int64, torch.int32) else t.to(dtype) for t in self.tensors]
-            meta = (self.B, self.T, self.op.head_dim, self.pieces)
+            fast = self.cpu_kernels and dtype == torch.float32 and _cpu_kernels_fit(w, *self.tensors)
+            meta = (self.B, self.T, self.op.head_dim, self.pieces, fast)
             if autocast:  # one dtype in forward and backward, as autocast gives a matmul
                 with torch.autocast(device, enabled=False):
                     out = _GatedOutput.apply(w.to(dtype), meta, *tensors)
@@ -188,7 +195,11 @@ class _GatedOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w_DE: Tensor, meta: tuple, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        B, T, hd, pieces = meta
+        B, T, hd, pieces, fast = meta
+        ctx.meta = meta
+        ctx.save_for_backward(w_DE, *tensors)
+        if fast:
+            return _gated_output_cpu(w_DE, B, T, hd, pieces, tensors)
         D = w_DE.shape[0]
         out: Optional[Tensor] = None
         buf: Optional[Tensor] = None
@@ -211,16 +222,17 @@ class _GatedOutput(torch.autograd.Function):
                     yg = (y[:, p] * g[:, p].unsqueeze(-1)).reshape(-1, hd)  # (B*M, hd)
                     part = torch.mm(yg, w_DE[:, h * hd : (h + 1) * hd].t(), out=buf[: yg.shape[0]])
                     out.index_add_(0, rows[:, p].reshape(-1), part)
-        ctx.meta = meta
-        ctx.save_for_backward(w_DE, *tensors)
         return out.view(B, T, D)
 
     @staticmethod
     def backward(ctx, dout_BTD: Tensor):  # type: ignore[override]
-        B, T, hd, pieces = ctx.meta
+        B, T, hd, pieces, fast = ctx.meta
         w_DE, *tensors = ctx.saved_tensors
         dout = dout_BTD.reshape(B * T, -1).to(w_DE.dtype)
         dw = torch.zeros_like(w_DE) if ctx.needs_input_grad[0] else None
+        if fast:
+            dout = dout.contiguous()
+            row_grads = _gated_output_cpu_backward(dout, w_DE, dw, B, hd, pieces, tensors)
         grads: list[Optional[Tensor]] = []
         buf: Optional[Tensor] = None
         it = iter(tensors)
@@ -233,6 +245,9 @@ class _GatedOutput(torch.autograd.Function):
                 if dw is not None:
                     dw[:, h0 * hd : h1 * hd] += dout.t() @ (y * g.unsqueeze(-1)).reshape(B * T, -1)
                 grads += [dyg * g.unsqueeze(-1), (dyg * y).sum(-1)]
+            elif fast:
+                next(it), next(it), next(it)
+                grads += [*row_grads.pop(0), None]
             else:
                 heads = piece[1]
                 y, g, rows = next(it), next(it), next(it)
@@ -250,6 +265,75 @@ class _GatedOutput(torch.autograd.Function):
                     dg[:, p] = (dyg * y[:, p]).sum(-1)
                 grads += [dy, dg, None]
         return (dw, None, *grads)
+
+
+def _cpu_kernels_fit(*tensors: Tensor) -> bool:
+    """Whether moh's CPU projection kernels can take these tensors: fp32 (or integer indices) on
+    CPU, no autocast, and the kernels built."""
+    from moh.kernels import cpu as cpu_kernels
+
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.int64) for t in tensors):
+        return False
+    return cpu_kernels.available()
+
+
+def _per_head(t_BPM: Tensor) -> Tensor:
+    """(B, P, M, ...) -> (P, B*M, ...) contiguous: each head's rows of all items in one block."""
+    t = t_BPM.transpose(0, 1) if t_BPM.shape[0] > 1 else t_BPM[0]
+    return t.reshape(t_BPM.shape[1], -1, *t_BPM.shape[3:]).contiguous()
+
+
+def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tensors: tuple) -> Tensor:
+    """``_GatedOutput``'s forward with moh's CPU kernel: every piece, gated, in one
+    ``scatter_mm`` (the output's rows a block at a time for all heads: no per-head product
+    written out and added back)."""
+    from moh.kernels import cpu as cpu_kernels
+
+    work = []
+    it = iter(tensors)
+    for piece in pieces:
+        if piece[0] == "heads":
+            _, h0, h1 = piece
+            y, g = next(it), next(it)
+            work.append((None, (y * g.unsqueeze(-1)).reshape(B * T, -1), w_DE[:, h0 * hd : h1 * hd].t()))
+        else:
+            y, g, rows = next(it), next(it), next(it)
+            yg, rr = _per_head(y * g.unsqueeze(-1)), _per_head(rows)
+            work += [(rr[p], yg[p], w_DE[:, h * hd : (h + 1) * hd].t()) for p, h in enumerate(piece[1])]
+    out = w_DE.new_empty(B * T, w_DE.shape[0])
+    return cpu_kernels.scatter_mm(out, work, zero=True, check=False).view(B, T, -1)
+
+
+def _gated_output_cpu_backward(dout: Tensor, w_DE: Tensor, dw: Optional[Tensor], B: int, hd: int, pieces: list,
+                               tensors: tuple) -> list[tuple[Tensor, Tensor]]:
+    """(dy, dgate) of every rows piece of ``_GatedOutput``, and their weight gradients added to
+    ``dw``, in one ``gather_mm`` over the output gradient's rows."""
+    from moh.kernels import cpu as cpu_kernels
+
+    work, outs, chunks = [], [], []
+    it = iter(tensors)
+    for piece in pieces:
+        if piece[0] == "heads":
+            next(it), next(it)
+            continue
+        y, g, rows = next(it), next(it), next(it)
+        P, M = y.shape[1], y.shape[2]
+        yg, rr = _per_head(y * g.unsqueeze(-1)), _per_head(rows)
+        dyg = y.new_empty(P, B * M, hd)
+        for p, h in enumerate(piece[1]):
+            cols = slice(h * hd, (h + 1) * hd)
+            work.append((rr[p], w_DE[:, cols], yg[p], None if dw is None else dw[:, cols].t()))
+            outs.append(dyg[p])
+        chunks.append((y, g, dyg))
+    cpu_kernels.gather_mm(dout, work, check=False, out=outs)
+    grads = []
+    for y, g, dyg in chunks:
+        P, M = y.shape[1], y.shape[2]
+        d = dyg.view(P, B, M, hd).transpose(0, 1)  # (B, P, M, hd)
+        grads.append((d * g.unsqueeze(-1), (d * y).sum(-1)))
+    return grads
 
 
 class _DenseHeads:
@@ -303,8 +387,21 @@ class _GatherMatmuls(torch.autograd.Function):
     gradient for all groups."""
 
     @staticmethod
-    def forward(ctx, x_nD: Tensor, w_HoD: Tensor, heads: list[list[int]], *rows: Tensor):  # type: ignore[override]
-        ctx.heads = heads
+    def forward(ctx, x_nD: Tensor, w_HoD: Tensor, heads: list[list[int]], fast: bool,  # type: ignore[override]
+                *rows: Tensor):
+        ctx.heads, ctx.fast = heads, fast
+        if fast:  # moh's CPU kernel: x read a block of rows at a time for every head
+            from moh.kernels import cpu as cpu_kernels
+
+            x_nD = x_nD.contiguous()
+            ctx.save_for_backward(x_nD, w_HoD, *rows)
+            rows_ph = [_per_head(r) for r in rows]
+            outs = [x_nD.new_empty(len(hs), r.shape[0] * r.shape[2], w_HoD.shape[1]) for hs, r in zip(heads, rows)]
+            cpu_kernels.gather_mm(x_nD, [(rr[p], w_HoD[h].t(), None, None)
+                                         for hs, rr in zip(heads, rows_ph) for p, h in enumerate(hs)],
+                                  check=False, out=[o[p] for hs, o in zip(heads, outs) for p in range(len(hs))])
+            return tuple(o.view(len(hs), r.shape[0], r.shape[2], -1).transpose(0, 1)
+                         for hs, r, o in zip(heads, rows, outs))
         ctx.save_for_backward(x_nD, w_HoD, *rows)
         buf = _row_buffer(x_nD, rows, x_nD.shape[1])
         return tuple(_head_rows(x_nD, w_HoD, hs, r, buf) for hs, r in zip(heads, rows))
@@ -314,6 +411,9 @@ class _GatherMatmuls(torch.autograd.Function):
         x_nD, w_HoD, *rows = ctx.saved_tensors
         dx = torch.zeros_like(x_nD) if ctx.needs_input_grad[0] else None
         dw = torch.zeros_like(w_HoD) if ctx.needs_input_grad[1] else None
+        if ctx.fast:
+            return (*_gather_matmuls_cpu_backward(x_nD, w_HoD, ctx.heads, rows, dq, dx, dw), None, None,
+                    *(None for _ in rows))
         buf = _row_buffer(x_nD, rows, x_nD.shape[1])
         for hs, r, dq_BPMo in zip(ctx.heads, rows, dq):
             if dq_BPMo is None:
@@ -326,7 +426,29 @@ class _GatherMatmuls(torch.autograd.Function):
                     dx.index_add_(0, idx, torch.mm(d, w_HoD[h], out=buf[: idx.numel()]).to(dx.dtype))
                 if dw is not None:  # the rows gathered again
                     dw[h] += d.t() @ torch.index_select(x_nD, 0, idx, out=buf[: idx.numel()]).to(dw.dtype)
-        return (dx, dw, None, *(None for _ in rows))
+        return (dx, dw, None, None, *(None for _ in rows))
+
+
+def _gather_matmuls_cpu_backward(x_nD: Tensor, w_HoD: Tensor, heads: list[list[int]], rows: list[Tensor],
+                                 dq: tuple, dx: Optional[Tensor], dw: Optional[Tensor]) -> tuple:
+    """``_GatherMatmuls``' input and weight gradients with moh's CPU kernels: dx as one
+    ``scatter_mm`` of every head's dq @ W_h, dw as one ``gather_mm`` (the rows of x again)."""
+    from moh.kernels import cpu as cpu_kernels
+
+    scatter, gather = [], []
+    for hs, r, d in zip(heads, rows, dq):
+        if d is None:
+            continue
+        rr, dd = _per_head(r), _per_head(d.to(w_HoD.dtype))
+        for p, h in enumerate(hs):
+            scatter.append((rr[p], dd[p], w_HoD[h]))
+            if dw is not None:
+                gather.append((rr[p], None, dd[p], dw[h]))
+    if dx is not None:
+        cpu_kernels.scatter_mm(dx, scatter, zero=True, check=False)
+    if gather:
+        cpu_kernels.gather_mm(x_nD, gather, check=False)
+    return dx, dw
 
 
 def _head_rows(x_nD: Tensor, w_HoD: Tensor, heads: list[int], rows_BPM: Tensor, buf: Tensor) -> Tensor:
@@ -346,12 +468,14 @@ def _row_buffer(like: Tensor, rows: list[Tensor], width: int) -> Tensor:
     return like.new_empty(max(r.shape[0] * r.shape[2] for r in rows), width)
 
 
-def gather_matmuls(x_nD: Tensor, w_HoD: Tensor, groups: list[tuple[list[int], Tensor]]) -> list[Tensor]:
+def gather_matmuls(x_nD: Tensor, w_HoD: Tensor, groups: list[tuple[list[int], Tensor]],
+                   cpu_kernels: bool = False) -> list[Tensor]:
     """For each group (heads, rows_BPM): ``x_nD[rows_BPM[b, p, m]] @ w_HoD[heads[p]].T`` ->
     (B, P, M, o); x (n, D), rows indices into n, w (H, o, D) (a linear layer's weight per head).
     Same values and gradients as ``index_select`` then ``@``, one autograd node for all groups.
     Under autocast both operands are cast to the autocast dtype first (as autocast does for a
-    matmul), so forward and backward agree on one dtype."""
+    matmul), so forward and backward agree on one dtype. ``cpu_kernels``: moh's CPU kernels where
+    the tensors allow (fp32 CPU, no autocast)."""
     if not groups:
         return []
     heads = [list(hs) for hs, _ in groups]
@@ -360,5 +484,6 @@ def gather_matmuls(x_nD: Tensor, w_HoD: Tensor, groups: list[tuple[list[int], Te
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return list(_GatherMatmuls.apply(x_nD.to(dtype), w_HoD.to(dtype), heads, *rows))
-    return list(_GatherMatmuls.apply(x_nD, w_HoD, heads, *rows))
+            return list(_GatherMatmuls.apply(x_nD.to(dtype), w_HoD.to(dtype), heads, False, *rows))
+    fast = cpu_kernels and _cpu_kernels_fit(x_nD, w_HoD, *rows)
+    return list(_GatherMatmuls.apply(x_nD, w_HoD, heads, fast, *rows))

@@ -8,7 +8,8 @@ After one look at the routing (a host sync, once per layer) a ``Plan`` splits th
   head are gathered (padded to the largest count over the batch, padding gated to 0), only those
   queries are projected (all chunks in one projection), attend over the keys/values of all
   positions, and their gated outputs are projected with W_O^h (only those rows) into the output
-  (all pieces in one autograd node, gate included). Heads no token uses cost nothing.
+  (all pieces in one autograd node, gate included; on CPU both projections and their gradients
+  run as moh's C++ kernels, ``tuning.cpu_projections``). Heads no token uses cost nothing.
 
 A single new token (a decode step) skips the plan: ``_one_token`` runs the heads any sequence uses
 by contiguous runs. Keys/values are computed for every token by the caller. Which attention kernel
@@ -53,7 +54,8 @@ class SparseBackend:
         counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
         plan = make_plan(counts, T=T, S=call.k.shape[2], D=call.q.x.shape[-1], causal=call.causal,
                          element_size=call.q.x.element_size(), threads=torch.get_num_threads(), tuning=tuning)
-        acc = call.out.start(B, T)
+        projections = device == "cpu" and tuning.cpu_projections
+        acc = call.out.start(B, T, cpu_kernels=projections)
         gates = call.routing.gates_BTH
         for h0, h1 in plan.full:
             acc.add_heads(h0, h1, _full_run(call, h0, h1, device, tuning), gates[..., h0:h1])
@@ -66,7 +68,8 @@ class SparseBackend:
             for heads, M in plan.partial:
                 chunks.append(everyone.narrow(p0, len(heads), M))
                 p0 += len(heads)
-            queries = call.q.rows_many([(rows.heads, rows.tokens_BPM, rows.positions_BPM) for rows in chunks])
+            queries = call.q.rows_many([(rows.heads, rows.tokens_BPM, rows.positions_BPM) for rows in chunks],
+                                       cpu_kernels=projections)
             # one head per chunk: its keys/values are pieces of one unbind, whose backward stacks
             # the pieces' gradients once; a slice per chunk would give each chunk a full-size
             # key/value gradient to add up (2 x 6 MB per chunk at N=2048)

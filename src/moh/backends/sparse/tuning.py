@@ -66,6 +66,10 @@ class SparseTuning:
     rows_block: int = 128
     rows_key_chunk: int = 512
     rows_diagonal_chunk: int = 64
+    # moh's C++ kernels for the per-head query and output projections of gathered rows and their
+    # gradients (moh.kernels.cpu.gather_mm / scatter_mm: the token rows a block at a time for all
+    # heads, instead of one gather, product and scatter-add per head)
+    cpu_projections: bool = True
     # moh's C++ CPU kernels for a decode step of one sequence (B = 1, inference): see
     # backend._one_token_cpu
     cpu_decode: bool = True
@@ -91,12 +95,12 @@ class SparseTuning:
 CPU = SparseTuning(chunk_bytes=1, chunk_bytes_threaded=32 << 20)
 # Not tuned on a GPU yet (no device measured): the portable kernels, with the CPU-only fused
 # flash path and the boolean-mask assumption off; the GPU kernels set their own values here.
-CUDA = SparseTuning(cpu_rows=False, cpu_decode=False, cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
-PORTABLE = SparseTuning(cpu_rows=False, cpu_decode=False, cpu_flash=False, sdpa_bool_mask=False)
+CUDA = SparseTuning(cpu_rows=False, cpu_decode=False, cpu_projections=False, cpu_flash=False, sdpa_bool_mask=False, few_rows=0, triton=True)
+PORTABLE = SparseTuning(cpu_rows=False, cpu_decode=False, cpu_projections=False, cpu_flash=False, sdpa_bool_mask=False)
 
 # CPU without moh's rows kernel (no compiler, or MOH_CPU_KERNEL=0): torch's flash kernel for
 # causal rows, which loses to whole heads from 60% of rows on
-CPU_TORCH = replace(CPU, cpu_rows=False, cpu_decode=False, dense_from_causal=0.6)
+CPU_TORCH = replace(CPU, cpu_rows=False, cpu_decode=False, cpu_projections=False, dense_from_causal=0.6)
 TUNINGS = {"cpu": CPU, "cuda": CUDA}
 
 

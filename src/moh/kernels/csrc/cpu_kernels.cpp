@@ -6,7 +6,9 @@
 // * moh_head_matvec / moh_decode_heads: one decode step of one sequence for its active heads
 //   only: their queries (their rows of W_Q), their attention over their KV cache (read in place),
 //   their gated output projection (their columns of W_O), in two calls;
-// * moh_two_stage_router: the paper's two-stage router for a few tokens (decode steps).
+// * moh_two_stage_router: the paper's two-stage router for a few tokens (decode steps);
+// * moh_scatter_mm / moh_gather_mm: the per-head projections of gathered rows (query projection
+//   and its gradients, output projection and its gradients), token block by token block.
 //
 // Rows attention:
 // For every (item, head) the M rows are sorted by key index. A block of up to `qblock` rows
@@ -217,7 +219,7 @@ void backward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, const floa
 
 extern "C" {
 
-int moh_rows_abi() { return 3; }
+int moh_rows_abi() { return 4; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -428,6 +430,139 @@ void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_r
                 a[S + e] = 1;
             }
     }
+}
+
+// ---- per-head products of gathered rows --------------------------------------------------
+//
+// A "piece" j is one head's rows: count_j row indices rows_j into the n rows of a (n, D) matrix,
+// ascending (repeats allowed: padding rows, whose operand rows are 0), or rows_j null for all n
+// rows in order; a (count_j x k_j) operand and a weight block op(B_j) of k_j x D (scatter) or
+// D x k_j (gather), given by pointer, leading dimension and whether it is stored transposed.
+// Both kernels walk the n rows in blocks of `tblock` and, inside a block, every piece's rows
+// that fall in it: the block of the (n, D) matrix stays in cache while all pieces read or add
+// to it (one pass over it instead of one per head), and the products are the process's sgemm
+// on at most `mblock` rows at a time. Pointer arguments of the pieces arrive as int64 arrays.
+
+namespace {
+
+inline int64_t first_at_least(const int64_t* rows, int64_t count, int64_t t) {
+    return std::lower_bound(rows, rows + count, t) - rows;
+}
+
+}  // namespace
+
+// out (n, D) row-major (ld D) [+]= sum_j scatter of A_j op(B_j): out[rows_j[i]] += A_j[i] op(B_j);
+// A_j (count_j x k_j, lda_j); op(B_j) (k_j x D): B_j stored (k_j x D) with ldb_j (b_trans 0) or
+// (D x k_j) with ldb_j (b_trans 1). zero: out starts at 0 (else it is added to). Token blocks
+// in parallel: each thread owns its blocks of out.
+void moh_scatter_mm(float* out, int64_t n, int64_t D, int64_t J, const int64_t* rows, const int64_t* count,
+                    const int64_t* a, const int64_t* lda, const int64_t* k, const int64_t* b, const int64_t* ldb,
+                    const int64_t* b_trans, int zero, int64_t tblock, int64_t mblock, int threads) {
+    const int64_t nblk = (n + tblock - 1) / tblock;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> tmp(mblock * D);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t tb = 0; tb < nblk; ++tb) {
+            const int64_t t0 = tb * tblock, t1 = std::min(n, t0 + tblock);
+            if (zero) std::fill(out + t0 * D, out + t1 * D, 0.0f);
+            for (int64_t j = 0; j < J; ++j) {
+                const float* A = reinterpret_cast<const float*>(a[j]);
+                const float* B = reinterpret_cast<const float*>(b[j]);
+                const int kk = static_cast<int>(k[j]);
+                if (rows[j] == 0) {  // every row, in order: straight into out
+                    gemm_rm(false, b_trans[j] != 0, t1 - t0, D, kk, 1.0f, A + t0 * lda[j], lda[j], B, ldb[j], 1.0f,
+                            out + t0 * D, D);
+                    continue;
+                }
+                const int64_t* R = reinterpret_cast<const int64_t*>(rows[j]);
+                const int64_t r0 = first_at_least(R, count[j], t0), r1 = first_at_least(R, count[j], t1);
+                for (int64_t s = r0; s < r1; s += mblock) {
+                    const int64_t m = std::min(mblock, r1 - s);
+                    gemm_rm(false, b_trans[j] != 0, m, D, kk, 1.0f, A + s * lda[j], lda[j], B, ldb[j], 0.0f,
+                            tmp.data(), D);
+                    for (int64_t i = 0; i < m; ++i) {
+                        float* o = out + R[s + i] * D;
+                        const float* c = tmp.data() + i * D;
+#pragma omp simd
+                        for (int64_t d = 0; d < D; ++d) o[d] += c[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// For every piece j, with X_j = the rows rows_j of x (n, D) row-major (ld D):
+//   c_j (count_j x k_j, ldc_j) = X_j op(B_j), op(B_j) D x k_j: B_j stored (D x k_j) with ldb_j
+//   (b_trans 0) or (k_j x D) (b_trans 1); skipped where c_j is null;
+//   g_j += E_j^T X_j (k_j x D, g_trans 0) or X_j^T E_j (D x k_j, g_trans 1), E_j (count_j x k_j,
+//   lde_j), g_j with ldg_j; skipped where g_j is null (the weight gradient of a head).
+// Pieces in parallel (each thread owns its pieces' c and g), each thread walking the row blocks
+// of x in order for all of its pieces; with fewer pieces than threads, the row blocks in parallel
+// and g summed over the threads at the end.
+void moh_gather_mm(const float* x, int64_t n, int64_t D, int64_t J, const int64_t* rows, const int64_t* count,
+                   const int64_t* c, const int64_t* ldc, const int64_t* k, const int64_t* b, const int64_t* ldb,
+                   const int64_t* b_trans, const int64_t* e, const int64_t* lde, const int64_t* g, const int64_t* ldg,
+                   const int64_t* g_trans, int64_t tblock, int64_t mblock, int threads) {
+    const int64_t nblk = (n + tblock - 1) / tblock;
+    const bool by_piece = J >= threads || threads == 1;
+    // per extra thread, a private weight gradient per piece (only when row blocks run in parallel)
+    std::vector<int64_t> goff(J + 1, 0);
+    for (int64_t j = 0; j < J; ++j) goff[j + 1] = goff[j] + (g[j] != 0 ? k[j] * D : 0);
+    const int nbuf = by_piece ? 0 : threads - 1;
+    std::vector<float> extra(static_cast<size_t>(nbuf) * goff[J], 0.0f);
+    auto block = [&](int64_t tb, int64_t j, float* xtmp, float* gpriv) {
+        const int64_t t0 = tb * tblock, t1 = std::min(n, t0 + tblock);
+        const int64_t* R = reinterpret_cast<const int64_t*>(rows[j]);
+        const int64_t r0 = R ? first_at_least(R, count[j], t0) : t0;
+        const int64_t r1 = R ? first_at_least(R, count[j], t1) : t1;
+        const int kk = static_cast<int>(k[j]);
+        for (int64_t s = r0; s < r1; s += mblock) {
+            const int64_t m = std::min(mblock, r1 - s);
+            const float* X = x + s * D;  // rows in order: the operand in place
+            if (R) {
+                for (int64_t i = 0; i < m; ++i) std::memcpy(xtmp + i * D, x + R[s + i] * D, D * sizeof(float));
+                X = xtmp;
+            }
+            if (c[j] != 0)
+                gemm_rm(false, b_trans[j] != 0, m, kk, D, 1.0f, X, D, reinterpret_cast<const float*>(b[j]), ldb[j],
+                        0.0f, reinterpret_cast<float*>(c[j]) + s * ldc[j], ldc[j]);
+            if (g[j] != 0) {
+                const float* E = reinterpret_cast<const float*>(e[j]) + s * lde[j];
+                float* G = gpriv ? gpriv + goff[j] : reinterpret_cast<float*>(g[j]);
+                const int64_t ld = gpriv ? (g_trans[j] ? kk : D) : ldg[j];
+                if (g_trans[j])
+                    gemm_rm(true, false, D, kk, m, 1.0f, X, D, E, lde[j], 1.0f, G, ld);
+                else
+                    gemm_rm(true, false, kk, D, m, 1.0f, E, lde[j], X, D, 1.0f, G, ld);
+            }
+        }
+    };
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> xtmp(mblock * D);
+        if (by_piece) {
+            const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+            for (int64_t tb = 0; tb < nblk; ++tb)
+                for (int64_t j = tid; j < J; j += nt) block(tb, j, xtmp.data(), nullptr);
+        } else {
+            const int tid = omp_get_thread_num();
+            float* gpriv = tid == 0 ? nullptr : extra.data() + (tid - 1) * goff[J];
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t tb = 0; tb < nblk; ++tb)
+                for (int64_t j = 0; j < J; ++j) block(tb, j, xtmp.data(), gpriv);
+        }
+    }
+    for (int t = 0; t < nbuf; ++t)
+        for (int64_t j = 0; j < J; ++j) {
+            if (g[j] == 0) continue;
+            const float* src = extra.data() + t * goff[J] + goff[j];
+            float* G = reinterpret_cast<float*>(g[j]);
+            const int64_t rws = g_trans[j] ? D : k[j], cols = g_trans[j] ? k[j] : D;
+            for (int64_t r = 0; r < rws; ++r)
+                for (int64_t q = 0; q < cols; ++q) G[r * ldg[j] + q] += src[r * cols + q];
+        }
 }
 
 }  // extern "C"
