@@ -409,11 +409,12 @@ class _GatherMatmuls(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dq: Tensor):  # type: ignore[override]
         x_nD, w_HoD, *rows = ctx.saved_tensors
-        dx = torch.zeros_like(x_nD) if ctx.needs_input_grad[0] else None
         dw = torch.zeros_like(w_HoD) if ctx.needs_input_grad[1] else None
-        if ctx.fast:
+        if ctx.fast:  # dx: zeroed by the kernel as it writes it
+            dx = torch.empty_like(x_nD) if ctx.needs_input_grad[0] else None
             return (*_gather_matmuls_cpu_backward(x_nD, w_HoD, ctx.heads, rows, dq, dx, dw), None, None,
                     *(None for _ in rows))
+        dx = torch.zeros_like(x_nD) if ctx.needs_input_grad[0] else None
         buf = _row_buffer(x_nD, rows, x_nD.shape[1])
         for hs, r, dq_BPMo in zip(ctx.heads, rows, dq):
             if dq_BPMo is None:
