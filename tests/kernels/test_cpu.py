@@ -307,9 +307,10 @@ def test_unwritable_cache_builds_in_a_temporary_directory(fresh, monkeypatch, tm
 @pytest.mark.parametrize("shared,top_k", [(0, 2), (1, 3), (2, 1), (2, 4), (3, 6)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties):
-    """Decode-sized inputs without autograd take moh's C++ router; with autograd the torch
-    operations run: same gates, active heads and probabilities, also when every routed logit is
-    equal (zero weights: ties go to the lower index in both)."""
+    """Inputs without autograd take moh's C++ router (decode-sized: all of it; more than 16
+    tokens: after one product for the logits); with autograd the torch operations run: same
+    gates, active heads and probabilities, also when every routed logit is equal (zero weights:
+    ties go to the lower index in both)."""
     from moh.config import MoHConfig
     from moh.core import routers
 
@@ -320,9 +321,9 @@ def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties):
             r.w_routed.weight.zero_()
     calls = []
     real = cpu_kernels.two_stage_router
-    for shape in [(1, 1, 24), (3, 1, 24), (2, 5, 24)]:
+    for shape in [(1, 1, 24), (3, 1, 24), (2, 5, 24), (2, 40, 24)]:
         x = torch.randn(shape)
-        cpu_kernels.two_stage_router = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        cpu_kernels.two_stage_router = lambda *a, **kw: calls.append(kw["logits"] is not None) or real(*a, **kw)
         try:
             with torch.no_grad():
                 fast = r(x, None)
@@ -335,7 +336,7 @@ def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties):
         assert fast.learned and fast.num_shared == shared
         if ties:  # the lowest top_k routed heads
             assert fast.active_BTH[..., shared:shared + top_k].all() and not fast.active_BTH[..., shared + top_k:].any()
-    assert len(calls) == 3
+    assert calls == [False, False, False, True]  # logits from one product for the 80 tokens only
 
 
 def test_two_stage_router_bad_inputs_are_named():
@@ -344,6 +345,8 @@ def test_two_stage_router_bad_inputs_are_named():
         cpu_kernels.two_stage_router(x, w, None, 1, None, 5)
     with pytest.raises(ValueError, match=r"\(3, 8\)"):
         cpu_kernels.two_stage_router(x, w, torch.randn(3, 8), 2, None, 2)
+    with pytest.raises(ValueError, match=r"logits \(1, 5\) must be \(1, 6\)"):
+        cpu_kernels.two_stage_router(x, w, None, 1, torch.randn(2, 8), 2, logits=torch.randn(1, 5))
 
 
 # ---------------------------------------------------------------------------------------------

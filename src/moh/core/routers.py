@@ -79,7 +79,9 @@ class TwoStageRouter(nn.Module):
             from moh.kernels import cpu
 
             w = [None if lin is None else lin.weight for lin in lins]
-            gates, active, probs = cpu.two_stage_router(x_BTD.reshape(B * T, -1), w[0], w[1], S, w[2], K, check=False)
+            x = x_BTD.reshape(B * T, -1)
+            logits = None if B * T <= 16 else F.linear(x, torch.cat([t for t in w if t is not None]))
+            gates, active, probs = cpu.two_stage_router(x, w[0], w[1], S, w[2], K, check=False, logits=logits)
             H = self.num_heads
             return Routing(gates.view(B, T, H), active.view(B, T, H), probs.view(B, T, -1), num_shared=S, learned=True)
         routed_logits, shared_logits, balance_logits = self.logits(x_BTD)
@@ -102,10 +104,12 @@ class TwoStageRouter(nn.Module):
 
 
 def _fast_router(x_BTD: Tensor, lins: tuple) -> bool:
-    """moh's C++ router (``moh.kernels.cpu.two_stage_router``) for a few fp32 CPU tokens without
-    autograd (decode steps: one token 28 µs per call against 108 µs of torch operations, hot
-    caches), with plain linear projections and routed heads."""
-    if x_BTD.device.type != "cpu" or x_BTD.dtype != torch.float32 or x_BTD.numel() > 16 * x_BTD.shape[-1]:
+    """moh's C++ router (``moh.kernels.cpu.two_stage_router``) for fp32 CPU tokens without
+    autograd, with plain linear projections and routed heads: up to 16 tokens all of it (decode
+    steps: one token 28 µs per call against 108 µs of torch operations, hot caches), for more
+    the softmaxes and top-k after one product for the logits (2048 tokens, D=768, 10 routed
+    heads, 1 thread: 0.6 ms against 1.8 ms of torch operations)."""
+    if x_BTD.device.type != "cpu" or x_BTD.dtype != torch.float32:
         return False
     present = [lin for lin in lins if lin is not None]
     if lins[0] is None or not all(sliceable(lin) and lin.bias is None and lin.weight.dtype == torch.float32

@@ -52,7 +52,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 4  # moh_rows_abi() of the source this module speaks to
+ABI = 5  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -124,7 +124,7 @@ def _build() -> ctypes.CDLL:
     lib.moh_head_matvec.restype = None
     lib.moh_head_matvec.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.moh_two_stage_router.restype = None
-    lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
+    lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
     lib.moh_scatter_mm.restype = None
     lib.moh_scatter_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 8, ctypes.c_int, i64, i64, ctypes.c_int]
     lib.moh_gather_mm.restype = None
@@ -304,12 +304,16 @@ def decode_heads(q: Tensor, heads: Tensor, kv_heads: Tensor, k: Tensor, v: Tenso
 
 
 def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], num_shared: int,
-                     w_balance: Optional[Tensor], top_k: int, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                     w_balance: Optional[Tensor], top_k: int, check: bool = True,
+                     logits: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The paper's two-stage router (``moh.core.routers.TwoStageRouter``) for the tokens of x
     (n, D) -> gates (n, H), active (n, H) bool, probs (n, E), H = num_shared + E. ``w_shared``
     (num_shared, D) or None (gate 1), ``w_balance`` (2, D) or None. Top-k ties go to the lower
-    index. For a few tokens (decode steps); inference only (no autograd). ``check=False``: the
-    caller guarantees fp32, contiguous weights and the shapes (the router)."""
+    index. Inference only (no autograd). ``logits``: (n, L) with the logits of the weights given,
+    in the order routed, shared, balance (x times the weights concatenated: many tokens, where one
+    product beats a dot product per token and weight row); else the kernel computes them (a few
+    tokens: decode steps). ``check=False``: the caller guarantees fp32, contiguous weights and
+    the shapes (the router)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
     n, D = x.shape
@@ -324,18 +328,27 @@ def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], nu
                              f"with {num_shared} shared heads")
         if not 1 <= top_k <= E:
             raise ValueError(f"top_k={top_k} must be in [1, E={E}]")
+        width = E + (0 if w_shared is None else num_shared) + (0 if w_balance is None else 2)
+        if logits is not None:
+            _check_fp32_cpu(logits=logits)
+            if logits.shape != (n, width):
+                raise ValueError(f"logits {tuple(logits.shape)} must be ({n}, {width}): routed, shared, balance")
         w_routed = w_routed.contiguous()
         w_shared = None if w_shared is None else w_shared.contiguous()
         w_balance = None if w_balance is None else w_balance.contiguous()
     x = x.contiguous()
+    if logits is not None and logits.stride(-1) != 1:
+        logits = logits.contiguous()
     H = num_shared + E
     gates = torch.empty(n, H)
     active = torch.empty(n, H, dtype=torch.bool)
     probs = torch.empty(n, E)
     library().moh_two_stage_router(x.data_ptr(), n, D, w_routed.data_ptr(), E,
                                    None if w_shared is None else w_shared.data_ptr(), num_shared,
-                                   None if w_balance is None else w_balance.data_ptr(), top_k, gates.data_ptr(),
-                                   active.data_ptr(), probs.data_ptr())
+                                   None if w_balance is None else w_balance.data_ptr(), top_k,
+                                   None if logits is None else logits.data_ptr(),
+                                   0 if logits is None else logits.stride(0), gates.data_ptr(), active.data_ptr(),
+                                   probs.data_ptr())
     return gates, active, probs
 
 

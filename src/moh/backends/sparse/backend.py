@@ -64,9 +64,11 @@ class SparseBackend:
             # queries of all chunks in one projection (one input gradient in backward)
             everyone = gather_rows(call.routing.active_BTH, [h for heads, _ in plan.partial for h in heads],
                                    max(M for _, M in plan.partial), call.positions)
-            chunks, p0 = [], 0
+            all_gates = row_gates(gates, everyone)  # (B, P, M) for every partial head at once
+            chunks, chunk_gates, p0 = [], [], 0
             for heads, M in plan.partial:
                 chunks.append(everyone.narrow(p0, len(heads), M))
+                chunk_gates.append(all_gates[:, p0 : p0 + len(heads), :M])
                 p0 += len(heads)
             queries = call.q.rows_many([(rows.heads, rows.tokens_BPM, rows.positions_BPM) for rows in chunks],
                                        cpu_kernels=projections)
@@ -74,9 +76,8 @@ class SparseBackend:
             # the pieces' gradients once; a slice per chunk would give each chunk a full-size
             # key/value gradient to add up (2 x 6 MB per chunk at N=2048)
             pieces = (call.k.unbind(1), call.v.unbind(1)) if all(len(rows.heads) == 1 for rows in chunks) else None
-            for rows, q in zip(chunks, queries):
-                acc.add_rows(rows.heads, rows.flat_BPM, _partial_heads(call, rows, q, pieces, device, tuning),
-                             row_gates(gates, rows))
+            for rows, q, g in zip(chunks, queries, chunk_gates):
+                acc.add_rows(rows.heads, rows.flat_BPM, _partial_heads(call, rows, q, pieces, device, tuning), g)
         return acc.finish()
 
 

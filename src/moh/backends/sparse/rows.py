@@ -39,14 +39,19 @@ class HeadRows:
 
 
 def gather_rows(active_BTH: Tensor, heads: list[int], M: int, positions_BT: Tensor) -> HeadRows:
+    """M: at least the largest count of tokens of any (item, head). The tokens of every (item,
+    head) in order come from one ``nonzero`` (an argsort of (B, P, T) costs 3-4x as much)."""
     B, T, _ = active_BTH.shape
-    P = len(heads)
+    P, device = len(heads), active_BTH.device
     used = active_BTH[..., heads].transpose(1, 2)  # (B, P, T)
-    t = torch.arange(T, device=active_BTH.device)
-    order = torch.where(used, t, t + T).argsort(dim=-1)[..., :M]  # used rows first, ascending
-    valid = torch.arange(M, device=active_BTH.device) < used.sum(-1, keepdim=True)  # (B, P, M)
-    tokens = torch.where(valid, order, T - 1)
-    flat = tokens + (torch.arange(B, device=active_BTH.device) * T)[:, None, None]
+    count = used.sum(-1).view(-1)  # (B*P,)
+    b, p, t = used.nonzero(as_tuple=True)  # ascending t within each (b, p)
+    bp = b * P + p
+    rank = torch.arange(t.numel(), device=device) - (count.cumsum(0) - count)[bp]  # t's place among its (b, p)'s
+    tokens = torch.full((B, P, M), T - 1, dtype=torch.int64, device=device)
+    tokens.view(-1)[bp * M + rank] = t
+    valid = torch.arange(M, device=device) < count.view(B, P, 1)  # (B, P, M)
+    flat = tokens + (torch.arange(B, device=device) * T)[:, None, None]
     positions = positions_BT.gather(1, tokens.view(B, -1)).view(B, P, M)
     return HeadRows(heads, tokens, valid, flat, positions)
 

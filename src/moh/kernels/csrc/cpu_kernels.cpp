@@ -6,7 +6,8 @@
 // * moh_head_matvec / moh_decode_heads: one decode step of one sequence for its active heads
 //   only: their queries (their rows of W_Q), their attention over their KV cache (read in place),
 //   their gated output projection (their columns of W_O), in two calls;
-// * moh_two_stage_router: the paper's two-stage router for a few tokens (decode steps);
+// * moh_two_stage_router: the paper's two-stage router for a few tokens (decode steps), or its
+//   softmaxes and top-k after the logits of many tokens were computed as one product;
 // * moh_scatter_mm / moh_gather_mm: the per-head projections of gathered rows (query projection
 //   and its gradients, output projection and its gradients), token block by token block.
 //
@@ -219,7 +220,7 @@ void backward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, const floa
 
 extern "C" {
 
-int moh_rows_abi() { return 4; }
+int moh_rows_abi() { return 5; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -367,8 +368,8 @@ void moh_decode_heads(const float* q, const int64_t* heads, const int64_t* kv, i
 // with w_balance, [a1, a2] = softmax(W_h x) * 2 scale the shared and the routed gates. Writes gates
 // (n, S + E) (0 where unused), active (n, S + E) as 0/1 bytes, probs (n, E). Weights row-major.
 void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_routed, int64_t E,
-                          const float* w_shared, int64_t S, const float* w_balance, int64_t K, float* gates,
-                          uint8_t* active, float* probs) {
+                          const float* w_shared, int64_t S, const float* w_balance, int64_t K, const float* logits,
+                          int64_t ldl, float* gates, uint8_t* active, float* probs) {
     const int64_t H = S + E;
     std::vector<float> logit(E + S + 2);
     std::vector<uint8_t> taken(E);
@@ -390,10 +391,15 @@ void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_r
         float* g = gates + t * H;
         uint8_t* a = active + t * H;
         float* p = probs + t * E;
-        for (int64_t e = 0; e < E; ++e) p[e] = dot(w_routed + e * D, xt);
+        // logits given (a row of ldl: routed, then shared where w_shared, then balance where
+        // w_balance), or the products here
+        const float* lt = logits != nullptr ? logits + t * ldl : nullptr;
+        const float* lb = lt != nullptr ? lt + E + (w_shared != nullptr ? S : 0) : nullptr;
+        for (int64_t e = 0; e < E; ++e) p[e] = lt != nullptr ? lt[e] : dot(w_routed + e * D, xt);
         softmax(p, E);
         float* sh = logit.data();
-        for (int64_t i = 0; i < S; ++i) sh[i] = w_shared != nullptr ? dot(w_shared + i * D, xt) : 0.0f;
+        for (int64_t i = 0; i < S; ++i)
+            sh[i] = w_shared == nullptr ? 0.0f : lt != nullptr ? lt[E + i] : dot(w_shared + i * D, xt);
         if (w_shared != nullptr) {
             softmax(sh, S);
             for (int64_t i = 0; i < S; ++i) sh[i] *= static_cast<float>(S);
@@ -402,8 +408,8 @@ void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_r
         }
         float bal[2] = {1.0f, 1.0f};
         if (w_balance != nullptr) {
-            bal[0] = dot(w_balance, xt);
-            bal[1] = dot(w_balance + D, xt);
+            bal[0] = lb != nullptr ? lb[0] : dot(w_balance, xt);
+            bal[1] = lb != nullptr ? lb[1] : dot(w_balance + D, xt);
             softmax(bal, 2);
             bal[0] *= 2.0f;
             bal[1] *= 2.0f;
