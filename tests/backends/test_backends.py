@@ -177,6 +177,31 @@ def test_unused_heads_uneven_counts_and_single_token(causal):
     assert_same(m, x[:, :1], None)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_keys_values_split_once_for_runs_and_gathered_heads(causal, monkeypatch):
+    """One head per chunk and no grouped-query attention: the whole heads' run, every gathered
+    head and the unused heads between them are pieces of one split of the keys/values (its
+    backward writes one gradient in the keys' own layout); outputs and gradients equal the
+    reference's, with a head nobody uses among them."""
+    from moh.backends.sparse import backend as sparse_backend
+
+    m = build(2, dim=8, num_heads=5, head_dim=4, num_shared=2, top_k=1, causal=causal)
+    with torch.no_grad():  # routed heads 2 and 4 split the tokens, head 3 never wins
+        m.router.w_routed.weight.zero_()
+        m.router.w_routed.weight[0, 0], m.router.w_routed.weight[2, 0] = 5.0, -5.0  # routed 1: logit 0, never top
+    x = torch.randn(2, 9, 8)
+    x[:, ::2, 0], x[:, 1::2, 0] = 1.0, -1.0
+    active = m(x).routing.active_BTH
+    assert active[..., 2].any() and active[..., 4].any() and not active[..., 3].any()
+    splits = []
+    real = sparse_backend._kv_pieces
+    monkeypatch.setattr(sparse_backend, "_kv_pieces", lambda *a: splits.append(real(*a)) or splits[-1])
+    BACKENDS.register("sparse_one_head_chunks", overwrite=True)(
+        SparseBackend(replace(CPU, chunk_bytes=1, chunk_bytes_threaded=1, dense_from=1.01, dense_from_causal=1.01)))
+    assert_same(m, x, None, backends=["sparse_one_head_chunks"])
+    assert splits and all(sorted(s) == [0, 2, 3, 4] for s in splits)  # run 0-1, head 2, unused 3, head 4
+
+
 def test_fully_masked_rows_give_zero_and_match():
     """A query row that may attend to nothing (left padding under causality) outputs exactly 0
     from attention in every backend (not NaN, not an average that depends on blocking)."""

@@ -57,8 +57,9 @@ class SparseBackend:
         projections = device == "cpu" and tuning.cpu_projections
         acc = call.out.start(B, T, cpu_kernels=projections)
         gates = call.routing.gates_BTH
+        kv = _kv_pieces(call, plan)  # {first head: its keys/values} of runs and one-head chunks
         for h0, h1 in plan.full:
-            acc.add_heads(h0, h1, _full_run(call, h0, h1, device, tuning), gates[..., h0:h1])
+            acc.add_heads(h0, h1, _full_run(call, h0, h1, device, tuning, kv.get(h0)), gates[..., h0:h1])
         if plan.partial:
             # the rows of every partially used head at once, then each chunk's view of them; the
             # queries of all chunks in one projection (one input gradient in backward)
@@ -72,13 +73,63 @@ class SparseBackend:
                 p0 += len(heads)
             queries = call.q.rows_many([(rows.heads, rows.tokens_BPM, rows.positions_BPM) for rows in chunks],
                                        cpu_kernels=projections)
-            # one head per chunk: its keys/values are pieces of one unbind, whose backward stacks
-            # the pieces' gradients once; a slice per chunk would give each chunk a full-size
-            # key/value gradient to add up (2 x 6 MB per chunk at N=2048)
-            pieces = (call.k.unbind(1), call.v.unbind(1)) if all(len(rows.heads) == 1 for rows in chunks) else None
             for rows, q, g in zip(chunks, queries, chunk_gates):
-                acc.add_rows(rows.heads, rows.flat_BPM, _partial_heads(call, rows, q, pieces, device, tuning), g)
+                out = _partial_heads(call, rows, q, kv.get(rows.heads[0]) if len(rows.heads) == 1 else None, device,
+                                     tuning)
+                acc.add_rows(rows.heads, rows.flat_BPM, out, g)
         return acc.finish()
+
+
+def _kv_pieces(call: AttentionCall, plan) -> dict[int, tuple[Tensor, Tensor]]:
+    """{first query head: (k, v) (B, P, S, hd)} for the runs of whole heads and the gathered
+    heads of one-head chunks, as pieces of one split (or unbind) of the keys/values, whose
+    backward assembles each gradient once: a slice per chunk would give each its own full-size
+    key/value gradient to add up (2 x 6 MB per chunk at N=2048). Without grouped-query attention
+    the runs are pieces too (``_SplitHeads``; with slices next to the pieces, a profile of one
+    training step at N=2048 showed 9 of 290 ms in zero fills, adds and copies of those
+    gradients); with it, only one-head chunks get pieces (their key/value head's) and runs read
+    slices. Empty where chunks hold several heads."""
+    H, G = call.shape[2], call.k.shape[1]
+    if not plan.partial or any(len(heads) != 1 for heads, _ in plan.partial):
+        return {}
+    if G != H:
+        k, v = call.k.unbind(1), call.v.unbind(1)
+        return {heads[0]: (k[heads[0] // (H // G)].unsqueeze(1), v[heads[0] // (H // G)].unsqueeze(1))
+                for heads, _ in plan.partial}
+    bounds = sorted([(h0, h1) for h0, h1 in plan.full] + [(heads[0], heads[0] + 1) for heads, _ in plan.partial])
+    cuts, h = [], 0
+    for h0, h1 in bounds:  # unused heads between them: pieces of their own
+        cuts += [(h, h0)] if h0 > h else []
+        cuts.append((h0, h1))
+        h = h1
+    cuts += [(h, H)] if H > h else []
+    sizes = [h1 - h0 for h0, h1 in cuts]
+    ks, vs = _SplitHeads.apply(call.k, sizes), _SplitHeads.apply(call.v, sizes)
+    return {h0: (k, v) for (h0, _), k, v in zip(cuts, ks, vs)}
+
+
+class _SplitHeads(torch.autograd.Function):
+    """``t.split(sizes, dim=1)`` whose backward writes the pieces' gradients into one tensor laid
+    out as ``t`` is (``empty_like``: keys/values are (B, S, G, hd) projections seen as (B, G, S,
+    hd)), where ``split``'s ``cat`` makes a (B, G, S, hd)-contiguous gradient that the projection's
+    backward then copies once more (N=2048: 2.4 ms per tensor and training step)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, sizes: list[int]):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(t)
+        ctx.sizes = sizes
+        return t.split(sizes, dim=1)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):  # type: ignore[override]
+        (t,) = ctx.saved_tensors
+        g, h0 = torch.empty_like(t), 0
+        for size, d in zip(ctx.sizes, grads):
+            piece = g[:, h0 : h0 + size]
+            piece.zero_() if d is None else piece.copy_(d)
+            h0 += size
+        return g, None
 
 
 def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
@@ -200,36 +251,36 @@ def _one_run(call: AttentionCall, h0: int, h1: int) -> Tensor:
 
 def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor], row_mask: Optional[Tensor],
          every_row: bool, kv: Optional[tuple[Tensor, Tensor]] = None) -> Attend:
-    """``kv``: the keys/values of the one head of ``heads`` (B, 1, S, hd) instead of all of them."""
+    """``kv``: the keys/values of ``heads`` (B, P, S, hd), one key/value head per head, instead of
+    all of them."""
     S = call.k.shape[2]
     key_mask = call.key_mask if call.key_mask is not None and call.key_mask.shape[1] == 1 else None
-    keys, values, num_heads = (call.k, call.v, call.shape[2]) if kv is None else (*kv, 1)
-    return Attend(q=q, keys=keys, values=values, heads=heads if kv is None else [0], num_heads=num_heads, qpos=qpos,
-                  row_mask=row_mask, key_mask=key_mask, causal=call.causal, last_key_horizon=call.q_offset >= S - 1,
-                  every_row=every_row, scale=call.scale, dropout_p=call.dropout_p)
+    P = len(heads)
+    keys, values, num_heads = (call.k, call.v, call.shape[2]) if kv is None else (*kv, P)
+    return Attend(q=q, keys=keys, values=values, heads=heads if kv is None else list(range(P)), num_heads=num_heads,
+                  qpos=qpos, row_mask=row_mask, key_mask=key_mask, causal=call.causal,
+                  last_key_horizon=call.q_offset >= S - 1, every_row=every_row, scale=call.scale,
+                  dropout_p=call.dropout_p)
 
 
-def _full_run(call: AttentionCall, h0: int, h1: int, device: str, tuning: SparseTuning) -> Tensor:
-    """Heads h0..h1-1 for every token, not gated -> (B, T, P, hd)."""
+def _full_run(call: AttentionCall, h0: int, h1: int, device: str, tuning: SparseTuning,
+              kv: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Heads h0..h1-1 for every token, not gated -> (B, T, P, hd). ``kv``: their keys/values
+    (B, P, S, hd) (pieces of ``_kv_pieces``), else slices of all of them."""
     B, T, H = call.shape
     q = call.q.heads(h0, h1).transpose(1, 2)  # (B, P, T, hd)
     qpos = None  # key index of every query, only needed by the causal row kernels
     if call.causal and call.q_offset < call.k.shape[2] - 1:
         qpos = (torch.arange(T, device=q.device) + call.q_offset).expand(B, 1, T)
     row_mask = call.key_mask[:, None] if call.key_mask is not None and call.key_mask.shape[1] == T else None
-    job = _job(call, q, list(range(h0, h1)), qpos, row_mask, every_row=call.q_offset == 0)
+    job = _job(call, q, list(range(h0, h1)), qpos, row_mask, every_row=call.q_offset == 0, kv=kv)
     return attend(job, device, tuning).transpose(1, 2)
 
 
-def _partial_heads(call: AttentionCall, rows, q: Tensor, pieces: Optional[tuple], device: str,
+def _partial_heads(call: AttentionCall, rows, q: Tensor, kv: Optional[tuple[Tensor, Tensor]], device: str,
                    tuning: SparseTuning) -> Tensor:
     """The gathered rows of partially used heads with their queries q (B, P, M, hd), not gated
-    -> (B, P, M, hd). ``pieces``: every key/value head as its own (B, S, hd) view, for chunks of
-    one head."""
-    kv = None
-    if pieces is not None:
-        g = rows.heads[0] // (call.shape[2] // call.k.shape[1])  # its key/value head
-        kv = (pieces[0][g].unsqueeze(1), pieces[1][g].unsqueeze(1))
+    -> (B, P, M, hd). ``kv``: for a chunk of one head, the keys/values it reads (B, 1, S, hd)."""
     job = _job(call, q, rows.heads, rows.key_index(call.q_offset), rows_mask(call.key_mask, rows), every_row=False,
                kv=kv)
     return attend(job, device, tuning)
