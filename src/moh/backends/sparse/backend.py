@@ -117,14 +117,16 @@ class _SplitHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor, sizes: list[int]):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(t)
+        # the layout only (empty_like's strides, found on the meta device): saving t would keep
+        # the keys/values alive until this backward, the last of the layer's (+5 MB at N=2048)
+        ctx.layout = (t.shape, torch.empty_like(t, device="meta").stride(), t.dtype, t.device)
         ctx.sizes = sizes
         return t.split(sizes, dim=1)
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]):  # type: ignore[override]
-        (t,) = ctx.saved_tensors
-        g, h0 = torch.empty_like(t), 0
+        shape, stride, dtype, device = ctx.layout
+        g, h0 = torch.empty_strided(shape, stride, dtype=dtype, device=device), 0
         for size, d in zip(ctx.sizes, grads):
             piece = g[:, h0 : h0 + size]
             piece.zero_() if d is None else piece.copy_(d)
