@@ -108,7 +108,7 @@ def _fast_router(x_BTD: Tensor, lins: tuple) -> bool:
     autograd, with plain linear projections and routed heads: up to 16 tokens all of it (decode
     steps: one token 28 µs per call against 108 µs of torch operations, hot caches), for more
     the softmaxes and top-k after one product for the logits (2048 tokens, D=768, 10 routed
-    heads, 1 thread: 0.6 ms against 1.8 ms of torch operations)."""
+    heads, 1 thread: 1.0 ms against 1.8 ms of torch operations)."""
     if x_BTD.device.type != "cpu" or x_BTD.dtype != torch.float32:
         return False
     present = [lin for lin in lins if lin is not None]
