@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moh.backends.base import BACKENDS, AttentionCall, masked_softmax
 from moh.backends.sparse.kernels import Attend, attend, triton_available
-from moh.backends.sparse.plan import make_plan, runs
+from moh.backends.sparse.plan import Plan, make_plan, runs
 from moh.backends.sparse.rows import gather_rows, row_gates, rows_mask
 from moh.backends.sparse.tuning import SparseTuning, tuning_for
 
@@ -80,7 +80,7 @@ class SparseBackend:
         return acc.finish()
 
 
-def _kv_pieces(call: AttentionCall, plan) -> dict[int, tuple[Tensor, Tensor]]:
+def _kv_pieces(call: AttentionCall, plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
     """{first query head: (k, v) (B, P, S, hd)} for the runs of whole heads and the gathered
     heads of one-head chunks, as pieces of one split (or unbind) of the keys/values, whose
     backward assembles each gradient once: a slice per chunk would give each its own full-size
@@ -110,8 +110,8 @@ def _kv_pieces(call: AttentionCall, plan) -> dict[int, tuple[Tensor, Tensor]]:
 
 class _SplitHeads(torch.autograd.Function):
     """``t.split(sizes, dim=1)`` whose backward writes the pieces' gradients into one tensor laid
-    out as ``t`` is (``empty_like``: keys/values are (B, S, G, hd) projections seen as (B, G, S,
-    hd)), where ``split``'s ``cat`` makes a (B, G, S, hd)-contiguous gradient that the projection's
+    out as ``t`` is (``empty_like``'s strides: keys/values are (B, S, G, hd) projections seen as
+    (B, G, S, hd)), where ``split``'s ``cat`` makes a (B, G, S, hd)-contiguous gradient that the projection's
     backward then copies once more (N=2048: 2.4 ms per tensor and training step)."""
 
     @staticmethod
