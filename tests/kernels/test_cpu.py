@@ -161,66 +161,69 @@ def test_fallback_to_torch_kernels(fresh, monkeypatch, how, tmp_path_factory):
 # decode steps of one sequence
 
 
-def test_head_matvec_is_the_heads_rows_of_the_projection():
-    gen = torch.Generator().manual_seed(5)
-    H, hd, D = 6, 12, 20
-    lin = torch.nn.Linear(D, H * hd)
-    x = torch.randn(D, generator=gen)
-    heads = torch.tensor([0, 2, 5])
-    full = lin(x).detach().view(H, hd)
-    with torch.no_grad():
-        torch.testing.assert_close(cpu_kernels.head_matvec(x, lin.weight, heads, hd, lin.bias), full[heads])
-        torch.testing.assert_close(cpu_kernels.head_matvec(x, lin.weight, heads, hd), full[heads] - lin.bias.view(H, hd)[heads])
-        assert cpu_kernels.head_matvec(x, lin.weight, heads[:0], hd).shape == (0, hd)
-    with pytest.raises(ValueError, match="head_dim 7"):
-        cpu_kernels.head_matvec(x, lin.weight.detach(), heads, 7)
-    with pytest.raises(ValueError, match=r"in \[0, 6\), got \[0, 6\]"):
-        cpu_kernels.head_matvec(x, lin.weight.detach(), torch.tensor([0, 6]), hd)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("hd", [16, 20])  # whole vectors of 16 floats, and not
-def test_decode_heads_matches_reference(threads, hd):
-    """GQA (two query heads per key/value head), a cache view with spare capacity, key padding
-    with one head group seeing keys and a fully masked case, gates, and no active head."""
+@pytest.mark.parametrize("hd", [16, 20, 48])  # whole vectors of 16 floats, not, and an odd number of them
+def test_decode_token_matches_reference(threads, hd):
+    """Against torch operations: GQA (two query heads per key/value head), a cache view with spare
+    capacity, key padding with a fully masked case, gates, biases, qk-norm, RoPE, the raw queries
+    of a router instead of the projection, an odd output width (a last row on its own) and no
+    active head."""
     gen = torch.Generator().manual_seed(hd)
-    H, G, S, D = 6, 3, 37, 24
+    H, G, S, D, Dout = 6, 3, 37, 24, 25
     cache_k = torch.randn(G, S + 5, hd, generator=gen)
     cache_v = torch.randn(G, S + 5, hd, generator=gen)
     k, v = cache_k[:, :S], cache_v[:, :S]  # views, rows hd apart, groups (S + 5) * hd apart
-    wo = torch.randn(D, H * hd, generator=gen)
-    heads = torch.tensor([0, 3, 4])
-    kv = heads // (H // G)
-    q = torch.randn(3, hd, generator=gen)
-    gates = torch.rand(3, generator=gen) + 0.5
+    x = torch.randn(D, generator=gen)
+    wq, bq = torch.randn(H * hd, D, generator=gen) * 0.2, torch.randn(H * hd, generator=gen)
+    wo, bo = torch.randn(Dout, H * hd, generator=gen), torch.randn(Dout, generator=gen)
+    active = torch.tensor([True, False, False, True, True, False])
+    gates = torch.rand(H, generator=gen) + 0.5
     mask = torch.rand(S, generator=gen) > 0.4
+    norm = (torch.rand(hd, generator=gen) + 0.5, 1e-6)
+    angle = torch.rand(hd // 2, generator=gen) * 6
+    rope = (torch.cat([angle, angle]).cos(), torch.cat([angle, angle]).sin())
+    raw = torch.randn(H, hd, generator=gen)
 
-    def ref(mask):
-        s = (q.unsqueeze(1) @ k[kv].transpose(-1, -2)).squeeze(1) * 0.3  # (P, S)
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)  # a head that sees no key: 0
-        y = (p.unsqueeze(1) @ v[kv]).squeeze(1) * gates[:, None]  # (P, hd)
-        return sum(wo[:, h * hd:(h + 1) * hd] @ y[i] for i, h in enumerate(heads.tolist()))
+    def ref(mask, bias, q_norm, rope, raw):
+        q = (wq @ x + (bq if bias else 0)).view(H, hd) if raw is None else raw
+        if q_norm is not None:
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + q_norm[1]) * q_norm[0]
+        if rope is not None:
+            q = q * rope[0] + torch.cat([-q[:, hd // 2:], q[:, :hd // 2]], -1) * rope[1]
+        out = bo.clone() if bias else torch.zeros(Dout)
+        for h in active.nonzero()[:, 0].tolist():
+            s = (k[h // 2] @ q[h]) * 0.3
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)  # a head that sees no key: 0
+            out += wo[:, h * hd:(h + 1) * hd] @ (p @ v[h // 2]) * gates[h]
+        return out
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m in (None, mask, torch.zeros(S, dtype=torch.bool)):
-            got = cpu_kernels.decode_heads(q, heads, kv, k, v, m, 0.3, gates, wo)
-            torch.testing.assert_close(got, ref(m), atol=1e-5, rtol=1e-5)
-        none = cpu_kernels.decode_heads(q[:0], heads[:0], kv[:0], k, v, None, 0.3, gates[:0], wo)
-        assert torch.equal(none, torch.zeros(D))
+        cases = [(m, False, None, None, None) for m in (None, mask, torch.zeros(S, dtype=torch.bool))]
+        cases += [(mask, True, norm, rope, None), (None, True, norm, None, raw), (None, False, None, rope, raw)]
+        for m, bias, q_norm, rp, rq in cases:
+            got = cpu_kernels.decode_token(x, wq, bq if bias else None, active, gates, k, v, m, 0.3, wo,
+                                           bo if bias else None, raw_queries=rq, q_norm=q_norm, rope=rp)
+            torch.testing.assert_close(got, ref(m, bias, q_norm, rp, rq), atol=1e-4, rtol=1e-5)
+        none = cpu_kernels.decode_token(x, wq, None, torch.zeros(H, dtype=torch.bool), gates, k, v, None, 0.3, wo, bo)
+        assert torch.equal(none, bo)
     finally:
         torch.set_num_threads(before)
     with pytest.raises(TypeError, match="float64"):
-        cpu_kernels.decode_heads(q.double(), heads, kv, k, v, None, 0.3, gates, wo)
-    with pytest.raises(ValueError, match=r"heads must lie in \[0, 6\), got \[0, 3, 6\]"):
-        cpu_kernels.decode_heads(q, torch.tensor([0, 3, 6]), kv, k, v, None, 0.3, gates, wo)
-    with pytest.raises(ValueError, match=r"kv_heads must lie in \[0, 3\)"):
-        cpu_kernels.decode_heads(q, heads, torch.tensor([0, 1, 3]), k, v, None, 0.3, gates, wo)
+        cpu_kernels.decode_token(x.double(), wq, None, active, gates, k, v, None, 0.3, wo)
+    with pytest.raises(ValueError, match=r"q_weight \(\d+, 25\)"):
+        cpu_kernels.decode_token(x, torch.randn(H * hd, D + 1), None, active, gates, k, v, None, 0.3, wo)
+    with pytest.raises(ValueError, match="active must be bool"):
+        cpu_kernels.decode_token(x, wq, None, active.float(), gates, k, v, None, 0.3, wo)
+    with pytest.raises(ValueError, match="G dividing the 6 heads"):
+        cpu_kernels.decode_token(x, wq, None, active, gates, torch.randn(4, S, hd), torch.randn(4, S, hd), None, 0.3, wo)
     with pytest.raises(ValueError, match="key_mask"):
-        cpu_kernels.decode_heads(q, heads, kv, k, v, mask[:-1], 0.3, gates, wo)
+        cpu_kernels.decode_token(x, wq, None, active, gates, k, v, mask[:-1], 0.3, wo)
+    with pytest.raises(ValueError, match="raw_queries"):
+        cpu_kernels.decode_token(x, wq, None, active, gates, k, v, None, 0.3, wo, raw_queries=raw[:3])
 
 
 LAYERS = [  # MoHAttention settings of a decoded token through the sparse backend's CPU decode path
@@ -249,9 +252,9 @@ def test_decode_step_through_the_layer_matches_reference(kw, masked):
     used = []
     original = sparse_backend._one_token_cpu
 
-    def spy(call):
+    def spy(call, weights):
         used.append(True)
-        return original(call)
+        return original(call, weights)
 
     outs = {}
     for backend in ("reference", "sparse"):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moh.core.routing import RawQueries, Routing, scatter_topk as _scatter_topk
+from moh.kernels import cpu as cpu_kernels
 from moh.layers.projection import sliceable
 from moh.registry import ROUTERS
 
@@ -72,18 +73,18 @@ class TwoStageRouter(nn.Module):
         return [None if lin is None else lin(x_BTD) for lin in lins]
 
     def forward(self, x_BTD: Tensor, raw_queries: RawQueries) -> Routing:
-        B, T, _ = x_BTD.shape
         S, K = self.num_shared, self.top_k
-        lins = (self.w_routed, self.w_shared, self.w_balance)
-        if _fast_router(x_BTD, lins):
-            from moh.kernels import cpu
-
-            w = [None if lin is None else lin.weight for lin in lins]
-            x = x_BTD.reshape(B * T, -1)
-            logits = None if B * T <= 16 else F.linear(x, torch.cat([t for t in w if t is not None]))
-            gates, active, probs = cpu.two_stage_router(x, w[0], w[1], S, w[2], K, check=False, logits=logits)
-            H = self.num_heads
-            return Routing(gates.view(B, T, H), active.view(B, T, H), probs.view(B, T, -1), num_shared=S, learned=True)
+        modules = self._modules  # not through nn.Module.__getattr__ (a decode step counts every lookup)
+        lins = (modules.get("w_routed"), modules.get("w_shared"), modules.get("w_balance"))
+        weights = _fast_router(x_BTD, lins)
+        if weights is not None:
+            logits = None
+            if x_BTD.numel() > 16 * x_BTD.shape[-1]:
+                logits = F.linear(x_BTD, torch.cat([w for w in weights if w is not None])).flatten(0, -2)
+            gates, active, probs = cpu_kernels.two_stage_router(x_BTD, *weights[:2], S, weights[2], K, check=False,
+                                                                logits=logits)
+            return Routing(gates, active, probs, num_shared=S, learned=True)
+        B, T, _ = x_BTD.shape
         routed_logits, shared_logits, balance_logits = self.logits(x_BTD)
         if shared_logits is not None:
             shared = F.softmax(shared_logits, dim=-1, dtype=torch.float32).to(x_BTD.dtype) * S
@@ -103,23 +104,30 @@ class TwoStageRouter(nn.Module):
         return Routing(gates, active, probs, num_shared=S, learned=True)
 
 
-def _fast_router(x_BTD: Tensor, lins: tuple) -> bool:
-    """moh's C++ router (``moh.kernels.cpu.two_stage_router``) for fp32 CPU tokens without
-    autograd, with plain linear projections and routed heads: up to 16 tokens all of it (decode
-    steps: one token 28 µs per call against 108 µs of torch operations, hot caches), for more
-    the softmaxes and top-k after one product for the logits (2048 tokens, D=768, 10 routed
-    heads, 1 thread: 1.0 ms against 1.8 ms of torch operations)."""
-    if x_BTD.device.type != "cpu" or x_BTD.dtype != torch.float32:
-        return False
-    present = [lin for lin in lins if lin is not None]
-    if lins[0] is None or not all(sliceable(lin) and lin.bias is None and lin.weight.dtype == torch.float32
-                                  and lin.weight.is_contiguous() for lin in present):
-        return False
-    if torch.is_grad_enabled() and (x_BTD.requires_grad or any(lin.weight.requires_grad for lin in present)):
-        return False
-    from moh.kernels import cpu
-
-    return cpu.available()
+def _fast_router(x_BTD: Tensor, lins: tuple) -> Optional[list[Optional[Tensor]]]:
+    """The weights of ``lins`` (None for a missing projection) where moh's C++ router
+    (``moh.kernels.cpu.two_stage_router``) can run, else None: fp32 CPU tokens without autograd,
+    plain bias-free linear projections with contiguous fp32 weights, routed heads. Up to 16
+    tokens it does all of it (decode steps: one token 28 µs per call against 108 µs of torch
+    operations, hot caches), for more the softmaxes and top-k after one product for the logits
+    (2048 tokens, D=768, 10 routed heads, 1 thread: 1.0 ms against 1.8 ms of torch operations)."""
+    if lins[0] is None or x_BTD.dtype != torch.float32 or x_BTD.device.type != "cpu":
+        return None
+    weights = []
+    for lin in lins:
+        if lin is None:
+            weights.append(None)
+            continue
+        params = lin._parameters  # not through nn.Module.__getattr__: this runs every layer call
+        if not sliceable(lin) or params.get("bias") is not None:
+            return None
+        w = params["weight"]
+        if w.dtype != torch.float32 or not w.is_contiguous():
+            return None
+        weights.append(w)
+    if torch.is_grad_enabled() and (x_BTD.requires_grad or any(w is not None and w.requires_grad for w in weights)):
+        return None
+    return weights if cpu_kernels.available() else None
 
 
 def top_k(probs: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,6 @@
 """moh's own CPU kernels (``csrc/cpu_kernels.cpp``): causal attention of gathered rows
 (:func:`rows_attention`), one decode step of one sequence for its active heads only
-(:func:`head_matvec`, :func:`decode_heads`), the two-stage router for a few tokens
+(:func:`decode_token`), the two-stage router for a few tokens
 (:func:`two_stage_router`), and the per-head products of gathered rows (:func:`scatter_mm`,
 :func:`gather_mm`: the sparse backend's query and output projections and their gradients).
 
@@ -14,7 +14,8 @@ the process's BLAS ``sgemm`` (torch's MKL). Forward and backward; fp32 CPU tenso
 Decode: a step of one sequence is a few small products; built from torch operations it costs
 ~150 of them per layer, each a few microseconds, and reads every head's query and output weights.
 Here the active heads' query rows of W_Q, their KV cache (in place) and their columns of W_O are
-read in two calls (BLAS ``sgemv`` per head; inference only: no backward).
+read in one call (BLAS ``sgemv`` per head, qk-norm and RoPE of the query in between; inference
+only: no backward).
 
 Projections of gathered rows: with torch's operations each head's rows are gathered, multiplied
 and (output projection) added back with ``index_add_``, one pass over the (n, D) rows per head.
@@ -52,7 +53,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 5  # moh_rows_abi() of the source this module speaks to
+ABI = 6  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -121,17 +122,16 @@ def _build() -> ctypes.CDLL:
     lib.moh_rows_backward.restype = None
     lib.moh_rows_backward.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr,
                                       ptr, ptr, ptr, i64, i64, i64, i64, f32, i64, i64, i64, ctypes.c_int]
-    lib.moh_head_matvec.restype = None
-    lib.moh_head_matvec.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.moh_two_stage_router.restype = None
     lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
     lib.moh_scatter_mm.restype = None
     lib.moh_scatter_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 8, ctypes.c_int, i64, i64, ctypes.c_int]
     lib.moh_gather_mm.restype = None
     lib.moh_gather_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 13, i64, i64, ctypes.c_int]
-    lib.moh_decode_heads.restype = None
-    lib.moh_decode_heads.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
-                                     i64, i64, ptr, ctypes.c_int]
+    lib.moh_decode_token.restype = None
+    lib.moh_decode_token.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
+                                     ptr, i64, i64, ptr, i64, i64, i64, ptr, f32, ptr, i64, ptr, i64, ptr,
+                                     ctypes.c_int]
     return lib
 
 
@@ -240,84 +240,95 @@ def _check_fp32_cpu(**tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
 
 
-def head_matvec(x: Tensor, weight: Tensor, heads: Tensor, head_dim: int, bias: Optional[Tensor] = None,
-                check: bool = True) -> Tensor:
-    """Queries of one token for some heads: ``(weight[h*hd:(h+1)*hd] @ x + bias[...])`` for h in
-    ``heads`` -> (P, hd); x (D,), weight (H*hd, D) (a linear layer's), heads (P,) int64. Inference
-    only (no autograd); needs :func:`available`. ``check=False``: the caller guarantees the
-    shapes and head indices (the sparse backend)."""
+def decode_token(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], active: Tensor, gates: Tensor, k: Tensor,
+                 v: Tensor, key_mask: Optional[Tensor], scale: float, o_weight: Tensor, o_bias: Optional[Tensor] = None,
+                 *, raw_queries: Optional[Tensor] = None, q_norm: Optional[tuple[Tensor, float]] = None,
+                 rope: Optional[tuple[Tensor, Tensor]] = None, check: bool = True) -> Tensor:
+    """One decoded token of one sequence through its active heads only -> (Dout,):
+    ``sum_h gates[h] * W_O[:, head h] softmax(scale * k[h // r] q_h) v[h // r] + o_bias`` over the
+    heads with ``active[h]``, where q_h = RoPE(RMSNorm(W_Q[head h] x + q_bias[head h])).
+
+    x (D,); q_weight (H*hd, D), q_bias (H*hd,) or None (a linear layer's); active (H,) bool, gates
+    (H,); k and v (G, S, hd) the cache (views, read in place), r = H // G query heads per key/value
+    head; key_mask (S,) bool or None (a head that sees no key adds 0); o_weight (Dout, H*hd),
+    o_bias (Dout,) or None. ``raw_queries`` (H, hd): the raw projection (before norm and RoPE),
+    already made (a router's), read instead of projecting; ``q_norm`` (weight (hd,), eps): RMSNorm
+    of each query; ``rope`` (cos (hd,), sin (hd,)): the token's rotate-half RoPE factors. Only the
+    active heads' rows of W_Q, cache and columns of W_O are read. Inference only (no autograd).
+    ``check=False``: the caller guarantees dtypes, shapes and strides (the sparse backend)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
-    x, heads = x.contiguous(), heads.to(torch.int64).contiguous()
-    D = x.shape[0]
+    G, S, hd = k.shape
+    H, Dout, D = active.shape[0], o_weight.shape[0], x.shape[-1]
+    norm_w, eps = (None, 0.0) if q_norm is None else q_norm
+    cos, sin = (None, None) if rope is None else rope
     if check:
-        _check_fp32_cpu(x=x, weight=weight, bias=bias)
-        if x.dim() != 1 or weight.dim() != 2 or weight.shape[1] != D or weight.shape[0] % head_dim:
-            raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} and head_dim {head_dim}")
-        H = weight.shape[0] // head_dim
-        if heads.dim() != 1 or (heads.numel() and (int(heads.min()) < 0 or int(heads.max()) >= H)):
-            raise ValueError(f"heads must be a 1-d tensor of head indices in [0, {H}), got {heads.tolist()}")
-        if bias is not None and bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias {tuple(bias.shape)} must be ({weight.shape[0]},)")
-    bias = None if bias is None else bias.contiguous()
-    out = torch.empty(heads.shape[0], head_dim, dtype=torch.float32)
-    library().moh_head_matvec(x.data_ptr(), weight.data_ptr(), weight.stride(0),
-                              None if bias is None else bias.data_ptr(), heads.data_ptr(), heads.shape[0], head_dim, D,
-                              out.data_ptr(), torch.get_num_threads())
+        _check_fp32_cpu(x=x, q_weight=q_weight, q_bias=q_bias, gates=gates, k=k, v=v, o_weight=o_weight,
+                        o_bias=o_bias, raw_queries=raw_queries, norm_weight=norm_w, cos=cos, sin=sin)
+        if x.dim() != 1 or q_weight.shape != (H * hd, D) or (q_bias is not None and q_bias.shape != (H * hd,)):
+            raise ValueError(f"q_weight {tuple(q_weight.shape)} / q_bias "
+                             f"{None if q_bias is None else tuple(q_bias.shape)} do not fit x {tuple(x.shape)}, "
+                             f"{H} heads of {hd}")
+        if active.dtype != torch.bool or active.shape != (H,) or gates.shape != (H,):
+            raise ValueError(f"active must be bool ({H},) and gates ({H},), got {active.dtype} "
+                             f"{tuple(active.shape)} and {tuple(gates.shape)}")
+        if G == 0 or H % G or tuple(v.shape) != (G, S, hd):
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (G, S, {hd}) with G "
+                             f"dividing the {H} heads")
+        if o_weight.shape[1] != H * hd or (o_bias is not None and o_bias.shape != (Dout,)):
+            raise ValueError(f"o_weight {tuple(o_weight.shape)} / o_bias "
+                             f"{None if o_bias is None else tuple(o_bias.shape)} do not fit {H} heads of {hd}")
+        if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (S,)):
+            raise ValueError(f"key_mask must be bool ({S},), got {key_mask.dtype} {tuple(key_mask.shape)}")
+        if raw_queries is not None and raw_queries.shape != (H, hd):
+            raise ValueError(f"raw_queries {tuple(raw_queries.shape)} must be ({H}, {hd})")
+        for name, t in (("q_norm weight", norm_w), ("rope cos", cos), ("rope sin", sin)):
+            if t is not None and (t.shape != (hd,) or not t.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous ({hd},) tensor, got {tuple(t.shape)}")
+        if rope is not None and hd % 2:
+            raise ValueError(f"RoPE needs an even head width, got {hd}")
+    return decode_token_into(torch.empty(Dout), x, q_weight, q_bias, active, gates, k, v, key_mask, scale, o_weight,
+                             o_bias, raw_queries, norm_w, eps, cos, sin)
+
+
+def decode_token_into(out: Tensor, x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], active: Tensor, gates: Tensor,
+                      k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float, o_weight: Tensor,
+                      o_bias: Optional[Tensor], raw_queries: Optional[Tensor], norm_w: Optional[Tensor], eps: float,
+                      cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+    """:func:`decode_token` without checks, writing into ``out`` (``Dout`` contiguous floats, any
+    shape), every other argument in memory as ``decode_token`` takes it, leading dimensions of size 1
+    allowed (the sparse backend passes its (1, 1, ...) tensors without indexing: a decode step is
+    short, and each operation counts). Returns ``out``."""
+    H = active.shape[-1]
+    library().moh_decode_token(x.data_ptr(), x.shape[-1], q_weight.data_ptr(), q_weight.stride(0), _ptr(q_bias),
+                               _ptr(raw_queries), 0 if raw_queries is None else raw_queries.stride(-2),
+                               active.data_ptr(), gates.data_ptr(), H, H // k.shape[-3], k.shape[-1], _ptr(norm_w), eps,
+                               _ptr(cos), _ptr(sin), k.data_ptr(), k.stride(-3), k.stride(-2), v.data_ptr(),
+                               v.stride(-3), v.stride(-2), k.shape[-2], _ptr(key_mask), scale, o_weight.data_ptr(),
+                               o_weight.stride(0), _ptr(o_bias), o_weight.shape[0], out.data_ptr(),
+                               torch.get_num_threads())
     return out
 
 
-def decode_heads(q: Tensor, heads: Tensor, kv_heads: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
-                 scale: float, gates: Tensor, o_weight: Tensor, check: bool = True) -> Tensor:
-    """One decoded token of one sequence: ``sum_p gates[p] * W_O[:, head p] softmax(scale * k[kv_p] q_p) v[kv_p]``
-    -> (D,). q (P, hd) the active heads' queries, heads / kv_heads (P,) their query and key/value
-    heads, k and v (G, S, hd) the cache (views, read in place), key_mask (S,) bool or None (a head
-    that sees no key adds 0), gates (P,), o_weight (D, H*hd) (a linear layer's). Inference only.
-    ``check=False``: the caller guarantees shapes and indices (the sparse backend)."""
-    if library() is None:
-        raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
-    P, hd = q.shape
-    G, S, _ = k.shape
-    if check:
-        _check_fp32_cpu(q=q, k=k, v=v, gates=gates, o_weight=o_weight)
-        if tuple(v.shape) != (G, S, hd) or k.shape[2] != hd:
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (G, S, {hd})")
-        E = o_weight.shape[1]
-        for name, idx, bound in (("heads", heads, E // hd), ("kv_heads", kv_heads, G)):
-            if idx.shape != (P,):
-                raise ValueError(f"{name} must have shape ({P},) like q's rows, got {tuple(idx.shape)}")
-            if P and (int(idx.min()) < 0 or int(idx.max()) >= bound):
-                raise ValueError(f"{name} must lie in [0, {bound}), got {idx.tolist()}")
-        if gates.shape != (P,) or (key_mask is not None and key_mask.shape != (S,)):
-            raise ValueError(f"gates {tuple(gates.shape)} must be ({P},) and key_mask "
-                             f"{None if key_mask is None else tuple(key_mask.shape)} ({S},)")
-    q, gates = q.contiguous(), gates.contiguous()
-    heads, kv_heads = heads.to(torch.int64).contiguous(), kv_heads.to(torch.int64).contiguous()
-    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
-    D = o_weight.shape[0]
-    out = torch.empty(D, dtype=torch.float32)
-    library().moh_decode_heads(q.data_ptr(), heads.data_ptr(), kv_heads.data_ptr(), P, hd, k.data_ptr(), k.stride(0),
-                               k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), S,
-                               None if mask is None else mask.data_ptr(), scale, gates.data_ptr(), o_weight.data_ptr(),
-                               o_weight.stride(0), D, out.data_ptr(), torch.get_num_threads())
-    return out
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
 
 
 def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], num_shared: int,
                      w_balance: Optional[Tensor], top_k: int, check: bool = True,
                      logits: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The paper's two-stage router (``moh.core.routers.TwoStageRouter``) for the tokens of x
-    (n, D) -> gates (n, H), active (n, H) bool, probs (n, E), H = num_shared + E. ``w_shared``
+    (..., D) -> gates (..., H), active (..., H) bool, probs (..., E), H = num_shared + E. ``w_shared``
     (num_shared, D) or None (gate 1), ``w_balance`` (2, D) or None. Top-k ties go to the lower
-    index. Inference only (no autograd). ``logits``: (n, L) with the logits of the weights given,
+    index. Inference only (no autograd). ``logits``: (n, L) (n tokens) with the logits of the weights given,
     in the order routed, shared, balance (x times the weights concatenated: many tokens, where one
     product beats a dot product per token and weight row); else the kernel computes them (a few
     tokens: decode steps). ``check=False``: the caller guarantees fp32, contiguous weights and
     the shapes (the router)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
-    n, D = x.shape
-    E = w_routed.shape[0]
+    *lead, D = x.shape
+    n, E = x.numel() // D if D else 0, w_routed.shape[0]
     if check:
         _check_fp32_cpu(x=x, w_routed=w_routed, w_shared=w_shared, w_balance=w_balance)
         if w_routed.shape != (E, D) or (w_shared is not None and w_shared.shape != (num_shared, D)) or \
@@ -340,9 +351,9 @@ def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], nu
     if logits is not None and logits.stride(-1) != 1:
         logits = logits.contiguous()
     H = num_shared + E
-    gates = torch.empty(n, H)
-    active = torch.empty(n, H, dtype=torch.bool)
-    probs = torch.empty(n, E)
+    gates = torch.empty(*lead, H)
+    active = torch.empty(*lead, H, dtype=torch.bool)
+    probs = torch.empty(*lead, E)
     library().moh_two_stage_router(x.data_ptr(), n, D, w_routed.data_ptr(), E,
                                    None if w_shared is None else w_shared.data_ptr(), num_shared,
                                    None if w_balance is None else w_balance.data_ptr(), top_k,

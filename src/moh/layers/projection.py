@@ -30,12 +30,15 @@ from moh.layers.rope import apply_rope
 
 def sliceable(module: nn.Module) -> bool:
     """True when ``module`` computes exactly ``F.linear(x, weight, bias)`` with a dense weight, so
-    per-head slices of its weight give per-head slices of its output."""
+    per-head slices of its weight give per-head slices of its output. (The weight is looked up in
+    the module's parameters, not through ``nn.Module.__getattr__``: this runs a few times per
+    layer call, decode steps included. A weight that is no registered parameter, e.g. a
+    parametrization's, takes the path for any module.)"""
     return (
         isinstance(module, nn.Linear)
         and type(module).forward is nn.Linear.forward
         and not module._forward_hooks and not module._forward_pre_hooks
-        and type(module.weight) in (nn.Parameter, Tensor)
+        and type(module._parameters.get("weight")) is nn.Parameter
     )
 
 

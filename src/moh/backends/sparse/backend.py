@@ -31,6 +31,9 @@ from moh.backends.sparse.kernels import Attend, attend, triton_available
 from moh.backends.sparse.plan import Plan, make_plan, runs
 from moh.backends.sparse.rows import gather_rows, row_gates, rows_mask
 from moh.backends.sparse.tuning import SparseTuning, tuning_for
+from moh.kernels import cpu as cpu_kernels
+from moh.layers.norm import RMSNorm
+from moh.layers.rope import RotaryEmbedding
 
 
 class SparseBackend:
@@ -45,12 +48,15 @@ class SparseBackend:
         device = self.device or call.k.device.type
         tuning = self.tuning or tuning_for(device)
         B, T, H = call.shape
-        if T == 1 and device == "cuda" and tuning.triton and call.dropout_p == 0 and triton_available():
-            return _decode_step(call, tuning)
-        if T == 1 and B == 1 and device == "cpu" and tuning.cpu_decode and _cpu_decode_fits(call):
-            return _one_token_cpu(call)
-        if T == 1 and call.dropout_p == 0:
-            return _one_token(call, per_sequence=B > 1 and call.k.shape[2] >= tuning.decode_per_sequence_keys)
+        if T == 1:
+            if device == "cuda" and tuning.triton and call.dropout_p == 0 and triton_available():
+                return _decode_step(call, tuning)
+            if B == 1 and device == "cpu" and tuning.cpu_decode:
+                weights = _cpu_decode_weights(call)
+                if weights is not None:
+                    return _one_token_cpu(call, weights)
+            if call.dropout_p == 0:
+                return _one_token(call, per_sequence=B > 1 and call.k.shape[2] >= tuning.decode_per_sequence_keys)
         counts = call.routing.active_BTH.sum(1).tolist()  # (B, H) tokens per item and head
         plan = make_plan(counts, T=T, S=call.k.shape[2], D=call.q.x.shape[-1], causal=call.causal,
                          element_size=call.q.x.element_size(), threads=torch.get_num_threads(), tuning=tuning)
@@ -150,48 +156,54 @@ def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
     return call.out.dense(gated[:, None])
 
 
-def _cpu_decode_fits(call: AttentionCall) -> bool:
-    """Whether moh's CPU decode kernels can run this one-token step of one sequence: plain fp32
-    linear query/output projections, fp32 cache, a key-padding mask or none, no gradient needed
-    (they have no backward), and the kernels built."""
-    from moh.kernels import cpu as cpu_kernels
+def _cpu_decode_weights(call: AttentionCall) -> Optional[tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]:
+    """(W_Q, b_Q, W_O, b_O) where moh's CPU decode kernel (``moh.kernels.cpu.decode_token``) can
+    run this one-token step of one sequence, else None: plain fp32 linear query/output
+    projections, qk-norm none or moh's RMSNorm and RoPE none or moh's rotate-half (what the
+    kernel computes in between), fp32 cache and gates, unit last strides, a key-padding mask or
+    none, no gradient needed (it has no backward), and the kernels built. (Weights from the
+    modules' parameter dicts, not through ``nn.Module.__getattr__``: a decode step is short.)"""
+    q, out = call.q, call.out
+    if not (q.sliceable and out.sliceable and call.dropout_p == 0):
+        return None
+    if not (q.q_norm is None or type(q.q_norm) is RMSNorm and not _hooked(q.q_norm)) or \
+            not (q.rotary is None or type(q.rotary) is RotaryEmbedding):
+        return None
+    qp, op = q.proj._parameters, out.proj._parameters  # sliceable: the weights are parameters there
+    weights = (qp["weight"], qp.get("bias"), op["weight"], op.get("bias"))
+    tensors = [q.x, call.routing.gates_BTH, call.k, call.v, *(w for w in weights if w is not None)]
+    if any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors) or call.routing.active_BTH.stride(-1) != 1:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    mask = call.key_mask
+    if mask is not None and (mask.shape[1] != 1 or mask.stride(-1) != 1):
+        return None
+    return weights if cpu_kernels.available() else None
 
-    wq, wo = call.q.proj, call.out.proj
-    if not (call.q.sliceable and call.out.sliceable and call.dropout_p == 0):
-        return False
-    tensors = [call.q.x, call.k, call.v, wq.weight, wo.weight]
-    if any(t.dtype != torch.float32 for t in tensors) or any(t.stride(-1) != 1 for t in tensors[1:]):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors + [call.routing.gates_BTH]):
-        return False
-    if call.key_mask is not None and call.key_mask.shape[1] != 1:
-        return False
-    return cpu_kernels.available()
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _one_token_cpu(call: AttentionCall) -> Tensor:
-    """One new token of one sequence on CPU with moh's kernels (``moh.kernels.cpu``): the queries of
-    its active heads only (their rows of W_Q; or slices of the raw projection a router made), their
-    attention over their KV cache read in place, their gated output projection (their columns of
-    W_O), in two calls, where the torch-operation path (``_one_token``) costs ~150 small operations
-    per layer and reads every head's query and output weights."""
-    from moh.kernels import cpu as cpu_kernels
-
-    _, _, H = call.shape
-    G, hd = call.k.shape[1], call.v.shape[-1]
-    heads = call.routing.active_BTH[0, 0].nonzero()[:, 0]  # (P,) ascending
-    if call.q.has_raw:
-        raw = call.q.raw()[0, 0].index_select(0, heads)  # (P, hd)
-    else:
-        raw = cpu_kernels.head_matvec(call.q.x[0, 0], call.q.proj.weight, heads, hd, call.q.proj.bias, check=False)
-    q = call.q.finish(raw[None, None])[0, 0]  # qk-norm, RoPE
-    key_mask = None if call.key_mask is None else call.key_mask[0, 0]
-    out = cpu_kernels.decode_heads(q.contiguous(), heads, heads // (H // G), call.k[0], call.v[0], key_mask, call.scale,
-                                   call.routing.gates_BTH[0, 0].index_select(0, heads), call.out.proj.weight,
-                                   check=False)
-    if call.out.proj.bias is not None:
-        out = out + call.out.proj.bias
-    return out.view(1, 1, -1)
+def _one_token_cpu(call: AttentionCall, weights: tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]) -> Tensor:
+    """One new token of one sequence on CPU in one call of moh's kernel
+    (``moh.kernels.cpu.decode_token``): the queries of its active heads only (their rows of W_Q,
+    or rows of the raw projection a router made), their qk-norm and RoPE, their attention over
+    their KV cache read in place, their gated output projection (their columns of W_O) and the
+    bias, where the torch-operation path (``_one_token``) costs ~150 small operations per layer
+    and reads every head's query and output weights. ``weights``: (W_Q, b_Q, W_O, b_O) from
+    ``_cpu_decode_weights``. The (1, 1, ...) tensors go in as they are."""
+    q, routing = call.q, call.routing
+    wq, bq, wo, bo = weights
+    norm_w, eps, cos, sin = None, 0.0, None, None
+    if q.q_norm is not None:
+        norm_w, eps = q.q_norm.weight.float().contiguous(), float(q.q_norm.eps)
+    if q.rotary is not None:
+        cos, sin = (t.contiguous() for t in q.rotary.cos_sin(q.positions, torch.float32))  # (1, 1, hd)
+    return cpu_kernels.decode_token_into(wo.new_empty(1, 1, wo.shape[0]), q.x, wq, bq, routing.active_BTH,
+                                         routing.gates_BTH, call.k, call.v, call.key_mask, call.scale, wo, bo,
+                                         q.raw() if q.has_raw else None, norm_w, eps, cos, sin)
 
 
 def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:

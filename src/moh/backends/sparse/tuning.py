@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import torch
 
+from moh.kernels import cpu as cpu_kernels
+
 
 @dataclass(frozen=True)
 class SparseTuning:
@@ -109,8 +111,6 @@ def tuning_for(device: str | torch.device) -> SparseTuning:
     the first call builds moh's rows kernel if it is not built yet (``moh.kernels.cpu``)."""
     kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if kind == "cpu":
-        from moh.kernels import cpu as cpu_kernels
-
         return CPU if cpu_kernels.available() else CPU_TORCH
     return TUNINGS.get(kind, PORTABLE)
 

@@ -3,9 +3,9 @@
 //
 // * moh_rows_forward / moh_rows_backward: causal attention of gathered query rows, each row at
 //   its own key index (its causal horizon);
-// * moh_head_matvec / moh_decode_heads: one decode step of one sequence for its active heads
-//   only: their queries (their rows of W_Q), their attention over their KV cache (read in place),
-//   their gated output projection (their columns of W_O), in two calls;
+// * moh_decode_token: one decode step of one sequence for its active heads only: their queries
+//   (their rows of W_Q; qk-norm, RoPE), their attention over their KV cache (read in place), their
+//   gated output projection (their columns of W_O), in one call;
 // * moh_two_stage_router: the paper's two-stage router for a few tokens (decode steps), or its
 //   softmaxes and top-k after the logits of many tokens were computed as one product;
 // * moh_scatter_mm / moh_gather_mm: the per-head projections of gathered rows (query projection
@@ -220,7 +220,7 @@ void backward_block(const Job& j, int64_t bp, int64_t r0, int64_t r1, const floa
 
 extern "C" {
 
-int moh_rows_abi() { return 5; }
+int moh_rows_abi() { return 6; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -292,72 +292,118 @@ void moh_rows_backward(const float* q, int64_t q_sb, int64_t q_sm, const float* 
     }
 }
 
-// Decode, one sequence. q[p] (hd) = W[heads[p] * hd : (heads[p] + 1) * hd] x (+ bias): W (H*hd, D)
-// row-major with row stride ldw, bias (H*hd) or null; out (P, hd) contiguous.
-void moh_head_matvec(const float* x, const float* w, int64_t ldw, const float* bias, const int64_t* heads, int64_t P,
-                     int64_t hd, int64_t D, float* out, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < P; ++p) {
-        const int m = static_cast<int>(D), n = static_cast<int>(hd), lda = static_cast<int>(ldw), one = 1;
-        const float alpha = 1.0f, beta = 0.0f;
-        // row-major (hd x D) block = column-major (D x hd): q = block x = A^T x
-        sgemv_("T", &m, &n, &alpha, w + heads[p] * hd * ldw, &lda, x, &one, &beta, out + p * hd, &one);
-        if (bias != nullptr)
-            for (int64_t j = 0; j < hd; ++j) out[p * hd + j] += bias[heads[p] * hd + j];
-    }
-}
-
-// Decode, one sequence: out (D) = sum_p gates[p] * W_O[:, heads[p] block] y_p with
-// y_p = softmax(scale * K[kv[p]] q[p]) V[kv[p]] over the S cached keys (key_mask[s] = 0: not seen;
-// a head that sees no key gives y_p = 0). q (P, hd) contiguous; K, V (G, S, hd) with strides
-// (k_sg, k_ss, 1), read in place; W_O (D, H*hd) row-major with row stride ldwo.
-void moh_decode_heads(const float* q, const int64_t* heads, const int64_t* kv, int64_t P, int64_t hd,
-                      const float* k, int64_t k_sg, int64_t k_ss, const float* v, int64_t v_sg, int64_t v_ss,
-                      int64_t S, const uint8_t* key_mask, float scale, const float* gates, const float* wo,
-                      int64_t ldwo, int64_t D, float* out, int threads) {
+// Decode, one token of one sequence, its active heads only (active[h] != 0), in one parallel
+// region: per head (split over threads) its query q_h = W_Q[head h block] x + b_Q (or row h of the
+// raw projection a router already made), RMSNorm of q_h (norm_w given), RoPE rotate-half (cos/sin
+// given, the token's), y_h = gates[h] * softmax(scale * K[h / r] q_h) V[h / r] over the S cached
+// keys (key_mask[s] = 0: not seen; a head that sees no key gives y_h = 0); then, rows split over
+// threads, out (Dout) = sum_h W_O[:, head h block] y_h + b_O. x (D); W_Q (H*hd, D) row stride
+// ldwq; raw (H, hd) row stride ld_raw; K, V (G, S, hd) strides (k_sg, k_ss, 1), read in place;
+// W_O (Dout, H*hd) row stride ldwo. Nothing but the active heads' weight rows/columns and cache
+// is read.
+void moh_decode_token(const float* x, int64_t D, const float* wq, int64_t ldwq, const float* bq, const float* raw,
+                      int64_t ld_raw, const uint8_t* active, const float* gates, int64_t H, int64_t r, int64_t hd,
+                      const float* norm_w, float norm_eps, const float* cos, const float* sin, const float* k,
+                      int64_t k_sg, int64_t k_ss, const float* v, int64_t v_sg, int64_t v_ss, int64_t S,
+                      const uint8_t* key_mask, float scale, const float* wo, int64_t ldwo, const float* bo,
+                      int64_t Dout, float* out, int threads) {
+    std::vector<int64_t> heads;
+    for (int64_t h = 0; h < H; ++h)
+        if (active[h]) heads.push_back(h);
+    const int64_t P = static_cast<int64_t>(heads.size()), ld = padded(S), half = hd / 2;
     std::vector<float> y(P * hd, 0.0f);
-    const int64_t ld = padded(S);
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> scores(ld);
+        std::vector<float> scores(ld), q(hd), rot(hd);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; ++p) {
-            const int m = static_cast<int>(hd), n = static_cast<int>(S), one = 1;
-            const int ldk = static_cast<int>(k_ss), ldv = static_cast<int>(v_ss);
-            const float zero = 0.0f;
-            float* s = scores.data();
+            const int64_t h = heads[p];
+            const int one = 1, m = static_cast<int>(hd), n = static_cast<int>(S), d = static_cast<int>(D);
+            const float unit = 1.0f, zero = 0.0f;
+            if (raw != nullptr) {
+                std::memcpy(q.data(), raw + h * ld_raw, hd * sizeof(float));
+            } else {  // row-major (hd x D) block = column-major (D x hd): q = block x = A^T x
+                const int lda = static_cast<int>(ldwq);
+                sgemv_("T", &d, &m, &unit, wq + h * hd * ldwq, &lda, x, &one, &zero, q.data(), &one);
+                if (bq != nullptr)
+                    for (int64_t j = 0; j < hd; ++j) q[j] += bq[h * hd + j];
+            }
+            if (norm_w != nullptr) {
+                float ss = 0.0f;
+                for (int64_t j = 0; j < hd; ++j) ss += q[j] * q[j];
+                const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hd) + norm_eps);
+                for (int64_t j = 0; j < hd; ++j) q[j] = q[j] * inv * norm_w[j];
+            }
+            if (cos != nullptr) {
+                for (int64_t j = 0; j < half; ++j) rot[j] = -q[j + half];
+                for (int64_t j = half; j < hd; ++j) rot[j] = q[j - half];
+                for (int64_t j = 0; j < hd; ++j) q[j] = q[j] * cos[j] + rot[j] * sin[j];
+            }
             // scores = scale * K q: K row-major (S x hd) = column-major (hd x S)
-            sgemv_("T", &m, &n, &scale, k + kv[p] * k_sg, &ldk, q + p * hd, &one, &zero, s, &one);
+            const int ldk = static_cast<int>(k_ss), ldv = static_cast<int>(v_ss);
+            float* s = scores.data();
+            sgemv_("T", &m, &n, &scale, k + (h / r) * k_sg, &ldk, q.data(), &one, &zero, s, &one);
             if (key_mask != nullptr)
                 for (int64_t c = 0; c < S; ++c)
                     if (!key_mask[c]) s[c] = -INFINITY;
             mask_tail(s, S, ld);
             const float mx = row_max(s, ld);
-            if (mx == -INFINITY) continue;  // sees no key: y_p stays 0
-            const float inv = 1.0f / exp_sum(s, ld, mx);
-            // y_p = V^T p / l: V row-major (S x hd) = column-major (hd x S)
-            sgemv_("N", &m, &n, &inv, v + kv[p] * v_sg, &ldv, s, &one, &zero, y.data() + p * hd, &one);
+            if (mx == -INFINITY) continue;  // sees no key: y_h stays 0
+            const float alpha = gates[h] / exp_sum(s, ld, mx);
+            // y_h = gate V^T p / l: V row-major (S x hd) = column-major (hd x S)
+            sgemv_("N", &m, &n, &alpha, v + (h / r) * v_sg, &ldv, s, &one, &zero, y.data() + p * hd, &one);
         }
-        // out[d0:d1] = sum_p gate_p W_O[d0:d1, head block] y_p, each thread its own rows of out, in
-        // one pass over the rows (the heads' column blocks of a row read together)
-#pragma omp single
-        for (int64_t p = 0; p < P; ++p)
-            for (int64_t j = 0; j < hd; ++j) y[p * hd + j] *= gates[p];
+        // out[d0:d1], each thread its own rows, in one pass over them (a row's head blocks read
+        // together), two rows at a time with two accumulators each (independent FMA chains)
         const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int64_t d0 = D * tid / nt, d1 = D * (tid + 1) / nt, vec = hd / W * W;
-        for (int64_t d = d0; d < d1; ++d) {
-            const float* row = wo + d * ldwo;
-            vf acc{};
-            float tail = 0.0f;
+        const int64_t d0 = Dout * tid / nt, d1 = Dout * (tid + 1) / nt, vec = hd / W * W;
+        auto finish = [&](int64_t row, vf a, vf b, float tail) {
+            const vf both = a + b;
+            float t = tail + (bo != nullptr ? bo[row] : 0.0f);
+            for (int64_t w = 0; w < W; ++w) t += both[w];
+            out[row] = t;
+        };
+        int64_t row = d0;
+        for (; row + 1 < d1; row += 2) {
+            const float* w0 = wo + row * ldwo;
+            const float* w1 = w0 + ldwo;
+            vf a0{}, a1{}, b0{}, b1{};
+            float t0 = 0.0f, t1 = 0.0f;
             for (int64_t p = 0; p < P; ++p) {
-                const float* w = row + heads[p] * hd;
+                const int64_t off = heads[p] * hd;
                 const float* yp = y.data() + p * hd;
-                for (int64_t j = 0; j < vec; j += W) acc += load(w + j) * load(yp + j);
-                for (int64_t j = vec; j < hd; ++j) tail += w[j] * yp[j];
+                int64_t j = 0;
+                for (; j + 2 * W <= vec; j += 2 * W) {
+                    const vf ya = load(yp + j), yb = load(yp + j + W);
+                    a0 += load(w0 + off + j) * ya;
+                    a1 += load(w0 + off + j + W) * yb;
+                    b0 += load(w1 + off + j) * ya;
+                    b1 += load(w1 + off + j + W) * yb;
+                }
+                for (; j < vec; j += W) {
+                    const vf ya = load(yp + j);
+                    a0 += load(w0 + off + j) * ya;
+                    b0 += load(w1 + off + j) * ya;
+                }
+                for (; j < hd; ++j) {
+                    t0 += w0[off + j] * yp[j];
+                    t1 += w1[off + j] * yp[j];
+                }
             }
-            float t = tail;
-            for (int64_t w = 0; w < W; ++w) t += acc[w];
-            out[d] = t;
+            finish(row, a0, a1, t0);
+            finish(row + 1, b0, b1, t1);
+        }
+        if (row < d1) {
+            const float* w0 = wo + row * ldwo;
+            vf a0{};
+            float t0 = 0.0f;
+            for (int64_t p = 0; p < P; ++p) {
+                const int64_t off = heads[p] * hd;
+                const float* yp = y.data() + p * hd;
+                for (int64_t j = 0; j < vec; j += W) a0 += load(w0 + off + j) * load(yp + j);
+                for (int64_t j = vec; j < hd; ++j) t0 += w0[off + j] * yp[j];
+            }
+            finish(row, a0, vf{}, t0);
         }
     }
 }
