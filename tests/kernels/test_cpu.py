@@ -231,11 +231,13 @@ LAYERS = [  # MoHAttention settings of a decoded token through the sparse backen
     dict(num_heads=6, num_kv_heads=3, num_shared=2, top_k=1, rope=True, qk_norm=True, qkv_bias=True, out_bias=True),
     dict(num_heads=4, num_shared=1, top_k=2, router="query_norm", rope=True),  # the router made the raw queries
     dict(num_heads=4, num_shared=0, top_k=4, router="two_stage"),  # every head
+    # a qk-norm module the kernel does not compute itself: run on the raw queries before it
+    dict(num_heads=6, num_shared=1, top_k=2, rope=True, qk_norm=True, q_norm_module=lambda: torch.nn.LayerNorm(8)),
 ]
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("kw", LAYERS, ids=["plain", "gqa-rope-norm-bias", "query_norm", "all-routed"])
+@pytest.mark.parametrize("kw", LAYERS, ids=["plain", "gqa-rope-norm-bias", "query_norm", "all-routed", "other-qnorm"])
 def test_decode_step_through_the_layer_matches_reference(kw, masked):
     from moh.backends.sparse import backend as sparse_backend
     from moh.config import MoHConfig
@@ -243,7 +245,11 @@ def test_decode_step_through_the_layer_matches_reference(kw, masked):
     from moh.core.cache import KVCache
 
     torch.manual_seed(0)
+    kw = dict(kw)
+    q_norm_module = kw.pop("q_norm_module", None)
     m = MoHAttention(MoHConfig(dim=16, head_dim=8, causal=True, **kw)).eval()
+    if q_norm_module is not None:
+        m.q_norm = q_norm_module()
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))

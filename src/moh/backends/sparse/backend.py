@@ -159,15 +159,11 @@ def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
 def _cpu_decode_weights(call: AttentionCall) -> Optional[tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]:
     """(W_Q, b_Q, W_O, b_O) where moh's CPU decode kernel (``moh.kernels.cpu.decode_token``) can
     run this one-token step of one sequence, else None: plain fp32 linear query/output
-    projections, qk-norm none or moh's RMSNorm and RoPE none or moh's rotate-half (what the
-    kernel computes in between), fp32 cache and gates, unit last strides, a key-padding mask or
-    none, no gradient needed (it has no backward), and the kernels built. (Weights from the
-    modules' parameter dicts, not through ``nn.Module.__getattr__``: a decode step is short.)"""
+    projections, fp32 cache and gates, unit last strides, a key-padding mask or none, no gradient
+    needed (it has no backward), and the kernels built. (Weights from the modules' parameter
+    dicts, not through ``nn.Module.__getattr__``: a decode step is short.)"""
     q, out = call.q, call.out
     if not (q.sliceable and out.sliceable and call.dropout_p == 0):
-        return None
-    if not (q.q_norm is None or type(q.q_norm) is RMSNorm and not _hooked(q.q_norm)) or \
-            not (q.rotary is None or type(q.rotary) is RotaryEmbedding):
         return None
     qp, op = q.proj._parameters, out.proj._parameters  # sliceable: the weights are parameters there
     weights = (qp["weight"], qp.get("bias"), op["weight"], op.get("bias"))
@@ -193,17 +189,23 @@ def _one_token_cpu(call: AttentionCall, weights: tuple[Tensor, Optional[Tensor],
     their KV cache read in place, their gated output projection (their columns of W_O) and the
     bias, where the torch-operation path (``_one_token``) costs ~150 small operations per layer
     and reads every head's query and output weights. ``weights``: (W_Q, b_Q, W_O, b_O) from
-    ``_cpu_decode_weights``. The (1, 1, ...) tensors go in as they are."""
+    ``_cpu_decode_weights``. The (1, 1, ...) tensors go in as they are. qk-norm and RoPE other
+    than moh's RMSNorm and rotate-half run as their modules, on every head's query (the raw
+    projection), before the kernel."""
     q, routing = call.q, call.routing
     wq, bq, wo, bo = weights
-    norm_w, eps, cos, sin = None, 0.0, None, None
-    if q.q_norm is not None:
-        norm_w, eps = q.q_norm.weight.float().contiguous(), float(q.q_norm.eps)
-    if q.rotary is not None:
-        cos, sin = (t.contiguous() for t in q.rotary.cos_sin(q.positions, torch.float32))  # (1, 1, hd)
+    raw, norm_w, eps, cos, sin = q.raw() if q.has_raw else None, None, 0.0, None, None
+    if not (q.q_norm is None or type(q.q_norm) is RMSNorm and not _hooked(q.q_norm)) or \
+            not (q.rotary is None or type(q.rotary) is RotaryEmbedding):
+        raw = q.finish(q.raw()).to(torch.float32).contiguous()  # (1, 1, H, hd), normed and rotated
+    else:
+        if q.q_norm is not None:
+            norm_w, eps = q.q_norm.weight.float().contiguous(), float(q.q_norm.eps)
+        if q.rotary is not None:
+            cos, sin = (t.contiguous() for t in q.rotary.cos_sin(q.positions, torch.float32))  # (1, 1, hd)
     return cpu_kernels.decode_token_into(wo.new_empty(1, 1, wo.shape[0]), q.x, wq, bq, routing.active_BTH,
-                                         routing.gates_BTH, call.k, call.v, call.key_mask, call.scale, wo, bo,
-                                         q.raw() if q.has_raw else None, norm_w, eps, cos, sin)
+                                         routing.gates_BTH, call.k, call.v, call.key_mask, call.scale, wo, bo, raw,
+                                         norm_w, eps, cos, sin)
 
 
 def _one_token(call: AttentionCall, per_sequence: bool = False) -> Tensor:
