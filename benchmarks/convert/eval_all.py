@@ -6,7 +6,7 @@ recovery curves), heads active per layer, and zero-shot accuracy on local lm-eva
 
     python benchmarks/convert/eval_all.py MODEL_DIR_OR_RUN ... [--val-windows 16] [--zeroshot] [--limit 250]
 """
-import argparse, json, math, os, sys, time
+import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -2,7 +2,7 @@
 paper's query_norm at 3 shared + top-4 of 6, random routed heads, a fixed drop of heads 7, 8, and the
 oracle (per token the 7 heads with the largest ||head_h(x) W_O^h||), all inside the original
 LlamaForCausalLM (heads.py). Run from this folder: python phase1_baselines.py"""
-import torch, json, sys
+import torch
 torch.set_num_threads(2)
 from heads import *
 m = load_model()

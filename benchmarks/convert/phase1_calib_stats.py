@@ -1,7 +1,7 @@
 """Phase 1: least-squares statistics of log ||c_h|| on [x, q-norms, 1] per layer over N train tokens
 (random 512-token windows, seed 1), saved as safetensors. python phase1_calib_stats.py 16384"""
 """Collect per-layer ridge statistics (features -> log ||c_h||) on train text; fit; evaluate policies."""
-import torch, json, sys, time
+import torch, sys, time
 torch.set_num_threads(2)
 from heads import *
 m = load_model()

@@ -1,6 +1,6 @@
 """Phase 1: predictor features (key/value-group shared heads, top-4 of 6): x + intercept, x alone
 (what two_stage can hold), query norms + intercept. python phase1_features.py STATS x+1,x,qn+1"""
-import torch, json, sys
+import torch, sys
 torch.set_num_threads(2)
 from heads import *
 from safetensors.torch import load_file

@@ -2,7 +2,7 @@
 heads (top 7 of 9), with shared heads by mean contribution or by key/value group, the oracle with
 those shared heads, a per-layer static drop of the 2 smallest mean contributions, random routed
 heads with calibrated shared heads. python phase1_policies.py ../../.cache/calib_stats_16384.safetensors 1.0"""
-import torch, json, sys
+import torch, sys
 torch.set_num_threads(2)
 from heads import *
 from safetensors.torch import load_file

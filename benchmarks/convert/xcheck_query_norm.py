@@ -3,7 +3,7 @@ held-out perplexity with every head, query_norm 3 shared + top-4 of 6, and the t
 
     OMP_NUM_THREADS=1 python benchmarks/convert/xcheck_query_norm.py
 """
-import sys, json, time; sys.path.insert(0, "benchmarks/convert")
+import sys, json; sys.path.insert(0, "benchmarks/convert")
 import torch; torch.set_num_threads(1)
 from heads import load_model, windows, tokens, perplexity, qnorm_policy, oracle_norm_policy
 m = load_model(); held = windows(tokens("heldout"), 512)

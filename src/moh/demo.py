@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moh.eval import num_threads
+
 log = logging.getLogger(__name__)
 
 MODELS = ("llm-demo-mha", "moh-llm-demo-75", "moh-llm-demo-50")
@@ -90,8 +92,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     plan = DemoPlan.quick() if args.quick else DemoPlan.full()
     if args.steps is not None:
         if args.steps < 1:
@@ -99,12 +99,8 @@ def run(args: argparse.Namespace) -> int:
         plan.steps = args.steps
     if args.threads < 1:
         raise ValueError(f"--threads={args.threads} must be >= 1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with num_threads(args.threads):  # run() may be called in-process (tests)
         return _run(plan, args)
-    finally:
-        torch.set_num_threads(threads)  # run() may be called in-process (tests)
 
 
 def _run(plan: DemoPlan, args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@ gradients, block sizes that split tiny problems into many blocks, 1 and 2 thread
 key/value views, broadcast and repeated row positions; its build cache and its fallback."""
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from moh.backends.sparse import kernels
+from moh.eval import num_threads
 from moh.kernels import cpu as cpu_kernels
 from moh.backends.sparse.tuning import CPU, CPU_TORCH, replace, tuning_for
 
@@ -51,14 +51,10 @@ def test_rows_attention_matches_reference(case, threads):
     q = torch.randn(B, P, M, hd, generator=gen, requires_grad=True)
     k = torch.randn(B, P, S, hd, generator=gen, requires_grad=True)
     v = torch.randn(B, P, S, hd, generator=gen, requires_grad=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = cpu_kernels.rows_attention(q, k, v, qpos, 0.37, *blocks)
         dout = torch.randn(out.shape, generator=gen)
         grads = torch.autograd.grad(out, (q, k, v), dout)
-    finally:
-        torch.set_num_threads(before)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = reference(q64, k64, v64, qpos, 0.37)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
@@ -199,9 +195,7 @@ def test_decode_token_matches_reference(threads, hd):
             out += wo[:, h * hd:(h + 1) * hd] @ (p @ v[h // 2]) * gates[h]
         return out
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         cases = [(m, False, None, None, None) for m in (None, mask, torch.zeros(S, dtype=torch.bool))]
         cases += [(mask, True, norm, rope, None), (None, True, norm, None, raw), (None, False, None, rope, raw)]
         for m, bias, q_norm, rp, rq in cases:
@@ -210,8 +204,6 @@ def test_decode_token_matches_reference(threads, hd):
             torch.testing.assert_close(got, ref(m, bias, q_norm, rp, rq), atol=1e-4, rtol=1e-5)
         none = cpu_kernels.decode_token(x, wq, None, torch.zeros(H, dtype=torch.bool), gates, k, v, None, 0.3, wo, bo)
         assert torch.equal(none, bo)
-    finally:
-        torch.set_num_threads(before)
     with pytest.raises(TypeError, match="float64"):
         cpu_kernels.decode_token(x.double(), wq, None, active, gates, k, v, None, 0.3, wo)
     with pytest.raises(ValueError, match=r"q_weight \(\d+, 25\)"):
@@ -362,16 +354,6 @@ def test_two_stage_router_bad_inputs_are_named():
 # per-head products of gathered rows (the projections of the sparse backend)
 
 
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _pieces(gen, n, D, H, hd, counts):
     rows = [torch.randperm(n, generator=gen)[:c].sort().values for c in counts]
     rows[0] = torch.cat([rows[0], rows[0][-1:].repeat(3)])  # padding: the last row repeated
@@ -395,7 +377,7 @@ def test_scatter_mm_matches_index_add(threads, blocks):
     ref = start.clone()
     for r, a, b in pieces:
         ref.index_add_(0, torch.arange(n) if r is None else r, a @ b)
-    with torch.no_grad(), _threads(threads):
+    with torch.no_grad(), num_threads(threads):
         tb, mb = blocks
         torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, tblock=tb, mblock=mb), ref)
         torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, zero=True, tblock=tb, mblock=mb),
@@ -430,7 +412,7 @@ def test_gather_mm_matches_index_select(threads, blocks, num_pieces):
             refs.append(xr @ Wq[cols].t())
             want_rows[cols] += e.t() @ xr
     out = [None] + [torch.empty(ref.shape) for ref in refs[1:]]
-    with torch.no_grad(), _threads(threads):
+    with torch.no_grad(), num_threads(threads):
         tb, mb = blocks
         got = cpu_kernels.gather_mm(x, pieces, tblock=tb, mblock=mb, out=out)
     for g, ref in zip(got, refs):

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moh.eval import num_threads
+
 log = logging.getLogger(__name__)
 
 QUICK = dict(dim=96, heads=12, head_dim=8, seq_lens="64,128", decode_contexts="64,256", train_seq_len=128,
@@ -464,13 +466,8 @@ def format_table(rows: list[Row]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     args = _resolve(args)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with num_threads(args.threads):  # callers (tests) keep their own setting
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # callers (tests) keep their own setting
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from moh.eval import num_threads
 from moh.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -99,16 +100,6 @@ class _Features(nn.Module):
         return self.net.features(images.float())
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -127,7 +118,7 @@ def train_classifier(train_data, test_data, path: Path, *, seed: int = 0, epochs
 
     images, labels = train_data.images, train_data.labels
     C, H = images.shape[1], images.shape[2]
-    with _threads(1):
+    with num_threads(1):
         torch.manual_seed(seed)
         net = ClassifierCNN(C, H, len(train_data.classes) or int(labels.max()) + 1)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
