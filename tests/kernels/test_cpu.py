@@ -477,3 +477,23 @@ def test_decode_step_runs_no_more_torch_operations_than_sdpa_attention():
 
     sparse, sdpa = step_ops(build_moh(96, 12, 8, 0.5, "sparse", True)), step_ops(DenseMHA(96, 12, 8, True))
     assert len(sparse) <= len(sdpa), (len(sparse), len(sdpa), sparse)
+
+
+def test_decode_token_reads_strided_active_flags_and_mask_as_their_values():
+    """Views with gaps (every other element of a longer tensor) are taken for what they hold, not
+    for the memory under their first element; a cache of the wrong rank is named."""
+    gen = torch.Generator().manual_seed(11)
+    H, S, hd, D = 4, 9, 16, 12
+    k, v = torch.randn(H, S, hd, generator=gen), torch.randn(H, S, hd, generator=gen)
+    x, wq, wo = torch.randn(D, generator=gen), torch.randn(H * hd, D, generator=gen), torch.randn(D, H * hd, generator=gen)
+    gates = torch.rand(H, generator=gen)
+    active = torch.tensor([True, False, False, True])
+    mask = torch.rand(S, generator=gen) > 0.3
+    wide_active = torch.stack([active, ~active], 1).reshape(-1)[::2]  # == active, stride 2
+    wide_mask = torch.stack([mask, ~mask], 1).reshape(-1)[::2]
+    assert wide_active.stride() == (2,) and torch.equal(wide_active, active) and torch.equal(wide_mask, mask)
+    want = cpu_kernels.decode_token(x, wq, None, active, gates, k, v, mask, 0.25, wo)
+    torch.testing.assert_close(cpu_kernels.decode_token(x, wq, None, wide_active, gates, k, v, wide_mask, 0.25, wo), want,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"k must be \(G, S, hd\).*\(1, 4, 9, 16\)"):
+        cpu_kernels.decode_token(x, wq, None, active, gates, k[None], v[None], None, 0.25, wo)

@@ -243,7 +243,7 @@ def _check_fp32_cpu(**tensors: Optional[Tensor]) -> None:
 def decode_token(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], active: Tensor, gates: Tensor, k: Tensor,
                  v: Tensor, key_mask: Optional[Tensor], scale: float, o_weight: Tensor, o_bias: Optional[Tensor] = None,
                  *, raw_queries: Optional[Tensor] = None, q_norm: Optional[tuple[Tensor, float]] = None,
-                 rope: Optional[tuple[Tensor, Tensor]] = None, check: bool = True) -> Tensor:
+                 rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """One decoded token of one sequence through its active heads only -> (Dout,):
     ``sum_h gates[h] * W_O[:, head h] softmax(scale * k[h // r] q_h) v[h // r] + o_bias`` over the
     heads with ``active[h]``, where q_h = RoPE(RMSNorm(W_Q[head h] x + q_bias[head h])).
@@ -255,38 +255,42 @@ def decode_token(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], active: 
     already made (a router's), read instead of projecting; ``q_norm`` (weight (hd,), eps): RMSNorm
     of each query; ``rope`` (cos (hd,), sin (hd,)): the token's rotate-half RoPE factors. Only the
     active heads' rows of W_Q, cache and columns of W_O are read. Inference only (no autograd).
-    ``check=False``: the caller guarantees dtypes, shapes and strides (the sparse backend)."""
+    Every argument is checked; :func:`decode_token_into` is the unchecked call (the sparse backend)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
+    if k.dim() != 3 or active.dim() != 1 or o_weight.dim() != 2:
+        raise ValueError(f"k must be (G, S, hd), active (H,) and o_weight (Dout, H*hd); got {tuple(k.shape)}, "
+                         f"{tuple(active.shape)}, {tuple(o_weight.shape)}")
     G, S, hd = k.shape
     H, Dout, D = active.shape[0], o_weight.shape[0], x.shape[-1]
     norm_w, eps = (None, 0.0) if q_norm is None else q_norm
     cos, sin = (None, None) if rope is None else rope
-    if check:
-        _check_fp32_cpu(x=x, q_weight=q_weight, q_bias=q_bias, gates=gates, k=k, v=v, o_weight=o_weight,
-                        o_bias=o_bias, raw_queries=raw_queries, norm_weight=norm_w, cos=cos, sin=sin)
-        if x.dim() != 1 or q_weight.shape != (H * hd, D) or (q_bias is not None and q_bias.shape != (H * hd,)):
-            raise ValueError(f"q_weight {tuple(q_weight.shape)} / q_bias "
-                             f"{None if q_bias is None else tuple(q_bias.shape)} do not fit x {tuple(x.shape)}, "
-                             f"{H} heads of {hd}")
-        if active.dtype != torch.bool or active.shape != (H,) or gates.shape != (H,):
-            raise ValueError(f"active must be bool ({H},) and gates ({H},), got {active.dtype} "
-                             f"{tuple(active.shape)} and {tuple(gates.shape)}")
-        if G == 0 or H % G or tuple(v.shape) != (G, S, hd):
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (G, S, {hd}) with G "
-                             f"dividing the {H} heads")
-        if o_weight.shape[1] != H * hd or (o_bias is not None and o_bias.shape != (Dout,)):
-            raise ValueError(f"o_weight {tuple(o_weight.shape)} / o_bias "
-                             f"{None if o_bias is None else tuple(o_bias.shape)} do not fit {H} heads of {hd}")
-        if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (S,)):
-            raise ValueError(f"key_mask must be bool ({S},), got {key_mask.dtype} {tuple(key_mask.shape)}")
-        if raw_queries is not None and raw_queries.shape != (H, hd):
-            raise ValueError(f"raw_queries {tuple(raw_queries.shape)} must be ({H}, {hd})")
-        for name, t in (("q_norm weight", norm_w), ("rope cos", cos), ("rope sin", sin)):
-            if t is not None and (t.shape != (hd,) or not t.is_contiguous()):
-                raise ValueError(f"{name} must be a contiguous ({hd},) tensor, got {tuple(t.shape)}")
-        if rope is not None and hd % 2:
-            raise ValueError(f"RoPE needs an even head width, got {hd}")
+    _check_fp32_cpu(x=x, q_weight=q_weight, q_bias=q_bias, gates=gates, k=k, v=v, o_weight=o_weight,
+                    o_bias=o_bias, raw_queries=raw_queries, norm_weight=norm_w, cos=cos, sin=sin)
+    if x.dim() != 1 or q_weight.shape != (H * hd, D) or (q_bias is not None and q_bias.shape != (H * hd,)):
+        raise ValueError(f"q_weight {tuple(q_weight.shape)} / q_bias "
+                         f"{None if q_bias is None else tuple(q_bias.shape)} do not fit x {tuple(x.shape)}, "
+                         f"{H} heads of {hd}")
+    if active.dtype != torch.bool or active.shape != (H,) or gates.shape != (H,):
+        raise ValueError(f"active must be bool ({H},) and gates ({H},), got {active.dtype} "
+                         f"{tuple(active.shape)} and {tuple(gates.shape)}")
+    if G == 0 or H % G or tuple(v.shape) != (G, S, hd):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (G, S, {hd}) with G "
+                         f"dividing the {H} heads")
+    if o_weight.shape[1] != H * hd or (o_bias is not None and o_bias.shape != (Dout,)):
+        raise ValueError(f"o_weight {tuple(o_weight.shape)} / o_bias "
+                         f"{None if o_bias is None else tuple(o_bias.shape)} do not fit {H} heads of {hd}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != (S,)):
+        raise ValueError(f"key_mask must be bool ({S},), got {key_mask.dtype} {tuple(key_mask.shape)}")
+    if raw_queries is not None and raw_queries.shape != (H, hd):
+        raise ValueError(f"raw_queries {tuple(raw_queries.shape)} must be ({H}, {hd})")
+    for name, t in (("q_norm weight", norm_w), ("rope cos", cos), ("rope sin", sin)):
+        if t is not None and (t.shape != (hd,) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous ({hd},) tensor, got {tuple(t.shape)}")
+    if rope is not None and hd % 2:
+        raise ValueError(f"RoPE needs an even head width, got {hd}")
+    # the kernel reads the mask and the active flags as plain arrays
+    active, key_mask = active.contiguous(), None if key_mask is None else key_mask.contiguous()
     return decode_token_into(torch.empty(Dout), x, q_weight, q_bias, active, gates, k, v, key_mask, scale, o_weight,
                              o_bias, raw_queries, norm_w, eps, cos, sin)
 

@@ -28,6 +28,11 @@ from torch import Tensor, nn
 from moh.layers.rope import apply_rope
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward (pre-)hooks of its own, i.e. more than its forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def sliceable(module: nn.Module) -> bool:
     """True when ``module`` computes exactly ``F.linear(x, weight, bias)`` with a dense weight, so
     per-head slices of its weight give per-head slices of its output. (The weight is looked up in
@@ -37,7 +42,7 @@ def sliceable(module: nn.Module) -> bool:
     return (
         isinstance(module, nn.Linear)
         and type(module).forward is nn.Linear.forward
-        and not module._forward_hooks and not module._forward_pre_hooks
+        and not has_forward_hooks(module)
         and type(module._parameters.get("weight")) is nn.Parameter
     )
 

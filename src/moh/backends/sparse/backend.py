@@ -33,6 +33,7 @@ from moh.backends.sparse.rows import gather_rows, row_gates, rows_mask
 from moh.backends.sparse.tuning import SparseTuning, tuning_for
 from moh.kernels import cpu as cpu_kernels
 from moh.layers.norm import RMSNorm
+from moh.layers.projection import has_forward_hooks
 from moh.layers.rope import RotaryEmbedding
 
 
@@ -156,7 +157,10 @@ def _decode_step(call: AttentionCall, tuning: SparseTuning) -> Tensor:
     return call.out.dense(gated[:, None])
 
 
-def _cpu_decode_weights(call: AttentionCall) -> Optional[tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]:
+_DecodeWeights = tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]  # W_Q, b_Q, W_O, b_O
+
+
+def _cpu_decode_weights(call: AttentionCall) -> Optional[_DecodeWeights]:
     """(W_Q, b_Q, W_O, b_O) where moh's CPU decode kernel (``moh.kernels.cpu.decode_token``) can
     run this one-token step of one sequence, else None: plain fp32 linear query/output
     projections, fp32 cache and gates, unit last strides, a key-padding mask or none, no gradient
@@ -178,11 +182,7 @@ def _cpu_decode_weights(call: AttentionCall) -> Optional[tuple[Tensor, Optional[
     return weights if cpu_kernels.available() else None
 
 
-def _hooked(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _one_token_cpu(call: AttentionCall, weights: tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]) -> Tensor:
+def _one_token_cpu(call: AttentionCall, weights: _DecodeWeights) -> Tensor:
     """One new token of one sequence on CPU in one call of moh's kernel
     (``moh.kernels.cpu.decode_token``): the queries of its active heads only (their rows of W_Q,
     or rows of the raw projection a router made), their qk-norm and RoPE, their attention over
@@ -195,7 +195,7 @@ def _one_token_cpu(call: AttentionCall, weights: tuple[Tensor, Optional[Tensor],
     q, routing = call.q, call.routing
     wq, bq, wo, bo = weights
     raw, norm_w, eps, cos, sin = q.raw() if q.has_raw else None, None, 0.0, None, None
-    if not (q.q_norm is None or type(q.q_norm) is RMSNorm and not _hooked(q.q_norm)) or \
+    if not (q.q_norm is None or type(q.q_norm) is RMSNorm and not has_forward_hooks(q.q_norm)) or \
             not (q.rotary is None or type(q.rotary) is RotaryEmbedding):
         raw = q.finish(q.raw()).to(torch.float32).contiguous()  # (1, 1, H, hd), normed and rotated
     else:
