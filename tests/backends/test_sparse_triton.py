@@ -104,4 +104,5 @@ def test_decode_steps_match_reference():
         outs = [m(x[:, :36], pad[:, :36], cache).output]
         for t in range(36, 40):
             outs.append(m(x[:, t : t + 1], pad[:, : t + 1], cache).output)
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    # fp32 sums in other orders (the full pass's CPU tiles, the split-K kernel): ~1e-5 apart
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=5e-5, rtol=1e-4)

@@ -63,6 +63,33 @@ def test_rows_attention_matches_reference(case, threads):
         torch.testing.assert_close(g.double(), r, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_attention_skips_padding_rows(threads):
+    """With ``counts``, rows past an item-head's count (padding) are not computed: output 0, no
+    gradient, and the real rows' outputs and gradients are those of the real rows alone;
+    counts of 0 and of every row, and padding that spans whole row blocks."""
+    gen = torch.Generator().manual_seed(11 + threads)
+    B, P, M, S, hd = 2, 3, 40, 90, 8
+    counts = torch.tensor([[40, 0, 17], [3, 25, 9]])
+    qpos = rows(B, P, M, S, gen)
+    q = torch.randn(B, P, M, hd, generator=gen, requires_grad=True)
+    k = torch.randn(B, P, S, hd, generator=gen, requires_grad=True)
+    v = torch.randn(B, P, S, hd, generator=gen, requires_grad=True)
+    real = torch.arange(M) < counts[..., None]  # (B, P, M)
+    dout = torch.randn(B, P, M, hd, generator=gen)
+    with num_threads(threads):
+        out = cpu_kernels.rows_attention(q, k, v, qpos, 0.5, 8, 16, 4, counts=counts)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert bool((out[~real] == 0).all()) and bool((grads[0][~real] == 0).all())
+    ref = reference(q, k, v, qpos, 0.5) * real[..., None]  # padding rows contribute nothing
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+    with pytest.raises(ValueError, match=r"counts \(3,\) must be \(B, P\)"):
+        cpu_kernels.rows_attention(q, k, v, qpos, 0.5, counts=torch.tensor([1, 2, 3]))
+
+
 def test_strided_views_and_broadcast_positions():
     """Keys/values as the backend passes them (views of a (B, S, G, hd) projection, rows G*hd
     apart), queries a non-contiguous view, one row index per item shared by all heads."""
@@ -362,7 +389,8 @@ def _pieces(gen, n, D, H, hd, counts):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("blocks", [(64, 32), (7, 5), (1000, 1000)])  # token block, rows per product
-def test_scatter_mm_matches_index_add(threads, blocks):
+@pytest.mark.parametrize("tiles", [True, False])  # moh's register tiles, or sgemm on gathered rows
+def test_scatter_mm_matches_index_add(threads, blocks, tiles):
     """Rows pieces (weight blocks read in place as transposed column slices, and row slices),
     an every-row piece, repeated (padding) rows, a piece with no rows, out zeroed or added to."""
     gen = torch.Generator().manual_seed(threads)
@@ -379,17 +407,20 @@ def test_scatter_mm_matches_index_add(threads, blocks):
         ref.index_add_(0, torch.arange(n) if r is None else r, a @ b)
     with torch.no_grad(), num_threads(threads):
         tb, mb = blocks
-        torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, tblock=tb, mblock=mb), ref)
-        torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, zero=True, tblock=tb, mblock=mb),
-                                   ref - start)
+        torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, tblock=tb, mblock=mb, tiles=tiles),
+                                   ref)
+        torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, zero=True, tblock=tb, mblock=mb,
+                                                          tiles=tiles), ref - start)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("blocks", [(64, 32), (7, 5), (1000, 1000)])
 @pytest.mark.parametrize("num_pieces", [1, 4])  # fewer pieces than threads: row blocks in parallel
-def test_gather_mm_matches_index_select(threads, blocks, num_pieces):
+@pytest.mark.parametrize("tiles", [True, False])
+def test_gather_mm_matches_index_select(threads, blocks, num_pieces, tiles):
     """Products of gathered rows with weight blocks read in place, weight gradients added into
-    (k, D) row slices and transposed (D, k) column slices, every-row pieces, preallocated outputs."""
+    (k, D) row slices and transposed (D, k) column slices, every-row pieces, preallocated outputs;
+    pieces with a weight gradient and products only (these take the register tiles)."""
     gen = torch.Generator().manual_seed(7 + num_pieces)
     n, D, H, hd = 130, 36, 5, 10
     x = torch.randn(n, D, generator=gen)
@@ -414,8 +445,11 @@ def test_gather_mm_matches_index_select(threads, blocks, num_pieces):
     out = [None] + [torch.empty(ref.shape) for ref in refs[1:]]
     with torch.no_grad(), num_threads(threads):
         tb, mb = blocks
-        got = cpu_kernels.gather_mm(x, pieces, tblock=tb, mblock=mb, out=out)
-    for g, ref in zip(got, refs):
+        got = cpu_kernels.gather_mm(x, pieces, tblock=tb, mblock=mb, out=out, tiles=tiles)
+        products = cpu_kernels.gather_mm(x, [(r, b, None, None) for r, b, _, _ in pieces], tblock=tb, mblock=mb,
+                                         tiles=tiles)
+    for g, p, ref in zip(got, products, refs):
+        torch.testing.assert_close(p, ref)
         torch.testing.assert_close(g, ref)
     assert all(g is o for g, o in zip(got[1:], out[1:]))
     torch.testing.assert_close(g_rows, want_rows)
@@ -426,6 +460,41 @@ def test_gather_mm_matches_index_select(threads, blocks, num_pieces):
     before = g_rows.clone()
     assert cpu_kernels.gather_mm(x, [(None, None, torch.ones(n, hd), g_rows[:hd])]) == [None]
     torch.testing.assert_close(g_rows[:hd], before[:hd] + x.sum(0).expand(hd, D))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("width", [64, 80, 77, 20])  # one tile of 4 vectors; 3 + 1 vectors; + scalar tail; tail only
+def test_register_tiles_match_reference(threads, width):
+    """The register tiles at the widths they treat apart: output widths of 4 vectors (6-row tiles),
+    3 + 1 vectors (8-row tiles), a scalar tail, with row counts that leave every tile height
+    from 1 to 8 at a piece's end; weight blocks stored both ways; an every-row first piece writing a
+    zeroed output (no fill) and a rows first piece (filled first); against plain products."""
+    gen = torch.Generator().manual_seed(width + threads)
+    n, D = 61, 96
+    x = torch.randn(n, D, generator=gen)
+    counts = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 60]
+    rows = [torch.randperm(n, generator=gen)[:c].sort().values for c in counts]
+    # gather: x[rows] @ b, b (D, width) stored (D, width) or as the transpose of (width, D)
+    bs = [torch.randn(D, width, generator=gen) if i % 2 else torch.randn(width, D, generator=gen).t()
+          for i in range(len(rows))]
+    # scatter: out (n, width)[rows] += a @ b, b (k, width) stored either way, k = 16 or 24
+    ks = [16 if i % 3 else 24 for i in range(len(rows))]
+    a_s = [torch.randn(c, k, generator=gen) for c, k in zip(counts, ks)]
+    sb = [torch.randn(k, width, generator=gen) if i % 2 else torch.randn(width, k, generator=gen).t()
+          for i, k in enumerate(ks)]
+    every = (None, torch.randn(n, 8, generator=gen), torch.randn(width, 8, generator=gen).t())
+    with torch.no_grad(), num_threads(threads):
+        got = cpu_kernels.gather_mm(x, [(r, b, None, None) for r, b in zip(rows, bs)], tblock=16, tiles=True)
+        for g, r, b in zip(got, rows, bs):
+            torch.testing.assert_close(g, x[r] @ b)
+        for first in ("every", "rows"):
+            pieces = list(zip(rows, a_s, sb))
+            pieces = [every] + pieces if first == "every" else pieces + [every]
+            ref = torch.zeros(n, width)
+            for r, a, b in pieces:
+                ref.index_add_(0, torch.arange(n) if r is None else r, a @ b)
+            out = torch.full((n, width), float("nan"))  # zero=True must not read what was there
+            torch.testing.assert_close(cpu_kernels.scatter_mm(out, pieces, zero=True, tblock=16, tiles=True), ref)
 
 
 def test_gathered_products_bad_inputs_are_named():

@@ -53,7 +53,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 6  # moh_rows_abi() of the source this module speaks to
+ABI = 7  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -117,17 +117,17 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"{target} speaks ABI {lib.moh_rows_abi()}, expected {ABI}")
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.moh_rows_forward.restype = None
-    lib.moh_rows_forward.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr,
+    lib.moh_rows_forward.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr,
                                      i64, i64, i64, f32, i64, i64, i64, ctypes.c_int]
     lib.moh_rows_backward.restype = None
-    lib.moh_rows_backward.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr,
+    lib.moh_rows_backward.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr,
                                       ptr, ptr, ptr, i64, i64, i64, i64, f32, i64, i64, i64, ctypes.c_int]
     lib.moh_two_stage_router.restype = None
     lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
     lib.moh_scatter_mm.restype = None
-    lib.moh_scatter_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 8, ctypes.c_int, i64, i64, ctypes.c_int]
+    lib.moh_scatter_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 8, ctypes.c_int, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.moh_gather_mm.restype = None
-    lib.moh_gather_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 13, i64, i64, ctypes.c_int]
+    lib.moh_gather_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 13, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.moh_decode_token.restype = None
     lib.moh_decode_token.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
                                      ptr, i64, i64, ptr, i64, i64, i64, ptr, f32, ptr, i64, ptr, i64, ptr,
@@ -171,7 +171,7 @@ def _rows_view(t: Tensor) -> tuple[Tensor, int, int]:
 
 class _RowsAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, qpos, scale, qblock, kblock, dblock):  # type: ignore[override]
+    def forward(ctx, q, k, v, qpos, counts, scale, qblock, kblock, dblock):  # type: ignore[override]
         lib = library()
         B, P, M, hd = q.shape
         S = k.shape[2]
@@ -179,37 +179,39 @@ class _RowsAttention(torch.autograd.Function):
         kv_, k_sb, k_ss = _rows_view(k)
         vv, v_sb, v_ss = _rows_view(v)
         pos = qpos.expand(B, P, M).contiguous().view(B * P, M)
+        counts = None if counts is None else counts.to(torch.int64).contiguous()
         out = torch.empty(B, P, M, hd, dtype=q.dtype)
         lse = torch.empty(B, P, M, dtype=q.dtype)
         lib.moh_rows_forward(qv.data_ptr(), q_sb, q_sm, kv_.data_ptr(), k_sb, k_ss, vv.data_ptr(), v_sb, v_ss,
-                             pos.data_ptr(), M, out.data_ptr(), lse.data_ptr(), B * P, M, hd, scale, qblock, kblock,
-                             dblock, torch.get_num_threads())
-        ctx.save_for_backward(qv, kv_, vv, pos, out, lse)
+                             pos.data_ptr(), M, _ptr(counts), out.data_ptr(), lse.data_ptr(), B * P, M, hd, scale,
+                             qblock, kblock, dblock, torch.get_num_threads())
+        ctx.save_for_backward(qv, kv_, vv, pos, out, lse, counts)
         ctx.meta = (B, P, M, S, hd, q_sb, q_sm, k_sb, k_ss, v_sb, v_ss, scale, qblock, kblock, dblock)
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         lib = library()
-        qv, kv_, vv, pos, out, lse = ctx.saved_tensors
+        qv, kv_, vv, pos, out, lse, counts = ctx.saved_tensors
         B, P, M, S, hd, q_sb, q_sm, k_sb, k_ss, v_sb, v_ss, scale, qblock, kblock, dblock = ctx.meta
         dout = dout.contiguous()
         dq = torch.zeros(B, P, M, hd, dtype=out.dtype)
         dk = torch.zeros(B, P, S, hd, dtype=out.dtype)
         dv = torch.zeros(B, P, S, hd, dtype=out.dtype)
         lib.moh_rows_backward(qv.data_ptr(), q_sb, q_sm, kv_.data_ptr(), k_sb, k_ss, vv.data_ptr(), v_sb, v_ss,
-                              pos.data_ptr(), M, out.data_ptr(), dout.data_ptr(), lse.data_ptr(), dq.data_ptr(),
-                              dk.data_ptr(), dv.data_ptr(), B * P, M, S, hd, scale, qblock, kblock, dblock,
-                              torch.get_num_threads())
-        return dq, dk, dv, None, None, None, None, None
+                              pos.data_ptr(), M, _ptr(counts), out.data_ptr(), dout.data_ptr(), lse.data_ptr(),
+                              dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B * P, M, S, hd, scale, qblock, kblock,
+                              dblock, torch.get_num_threads())
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def rows_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, scale: float, qblock: int = 128,
-                   kblock: int = 512, dblock: int = 64, check: bool = True) -> Tensor:
+                   kblock: int = 512, dblock: int = 64, check: bool = True, counts: Optional[Tensor] = None) -> Tensor:
     """softmax(q k^T * scale) v of rows q (B, P, M, hd), row m of head p seeing keys
     [0, qpos[b, p, m]] of k, v (B, P, S, hd); ``qpos`` (B, P or 1, M) int64, ascending along M,
-    in [0, S). fp32 CPU tensors; needs :func:`available`. ``check=False`` skips the checks of
-    shapes and row positions (the sparse backend, whose rows are built to fit)."""
+    in [0, S). ``counts`` (B, P): rows m >= counts[b, p] are padding, not computed: output 0, no
+    gradient (None: every row is real). fp32 CPU tensors; needs :func:`available`. ``check=False``
+    skips the checks of shapes and row positions (the sparse backend, whose rows are built to fit)."""
     if library() is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
     if check:
@@ -227,7 +229,9 @@ def rows_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, scale: float, 
                              f"[{int(qpos.min())}, {int(qpos.max())}]")
         if M > 1 and bool((qpos.diff(dim=-1) < 0).any()):
             raise ValueError("qpos must be ascending along M (rows sorted by key index)")
-    return _RowsAttention.apply(q, k, v, qpos.to(torch.int64), scale, qblock, kblock, dblock)
+        if counts is not None and tuple(counts.shape) != (B, P):
+            raise ValueError(f"counts {tuple(counts.shape)} must be (B, P) = ({B}, {P})")
+    return _RowsAttention.apply(q, k, v, qpos.to(torch.int64), counts, scale, qblock, kblock, dblock)
 
 
 def _check_fp32_cpu(**tensors: Optional[Tensor]) -> None:
@@ -404,7 +408,7 @@ def _ptrs(ts: list) -> Tensor:
 
 
 def scatter_mm(out: Tensor, pieces: list[tuple[Optional[Tensor], Tensor, Tensor]], zero: bool = False,
-               tblock: int = 256, mblock: int = 128, check: bool = True) -> Tensor:
+               tblock: int = 256, mblock: int = 128, check: bool = True, tiles: bool = True) -> Tensor:
     """``out[rows] += a @ b`` for every piece (rows, a, b) in one pass over ``out`` (n, D),
     contiguous fp32: rows (m,) int64 ascending (repeats allowed) or None for all n rows in order,
     a (m, k) with unit last stride, b (k, D) with one unit stride (a weight block such as
@@ -444,13 +448,13 @@ def scatter_mm(out: Tensor, pieces: list[tuple[Optional[Tensor], Tensor, Tensor]
             torch.tensor(ks, dtype=torch.int64), _ptrs(b_l), torch.tensor(ldb, dtype=torch.int64),
             torch.tensor(bt, dtype=torch.int64)]
     lib.moh_scatter_mm(out.data_ptr(), n, D, len(a_l), *(t.data_ptr() for t in args), int(zero), tblock, mblock,
-                       torch.get_num_threads())
+                       int(tiles), torch.get_num_threads())
     return out
 
 
 def gather_mm(x: Tensor, pieces: list[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]],
               tblock: int = 512, mblock: int = 256, check: bool = True,
-              out: Optional[list[Optional[Tensor]]] = None) -> list[Optional[Tensor]]:
+              out: Optional[list[Optional[Tensor]]] = None, tiles: bool = True) -> list[Optional[Tensor]]:
     """For every piece (rows, b, e, g), with xr = ``x[rows]`` (x (n, D) contiguous fp32; rows (m,)
     int64 ascending, or None for all n rows): returns ``xr @ b`` (m, k) where b (D, k) is given
     (one unit stride: a weight block read in place), else None; and where g (k, D) is given (a
@@ -499,6 +503,6 @@ def gather_mm(x: Tensor, pieces: list[tuple[Optional[Tensor], Optional[Tensor], 
             cols[key].append(val)
     ints = ("count", "ldc", "k", "ldb", "bt", "lde", "ldg", "gt")
     args = [torch.tensor(v, dtype=torch.int64) if key in ints else _ptrs(v) for key, v in cols.items()]
-    lib.moh_gather_mm(x.data_ptr(), n, D, len(cols["k"]), *(t.data_ptr() for t in args), tblock, mblock,
+    lib.moh_gather_mm(x.data_ptr(), n, D, len(cols["k"]), *(t.data_ptr() for t in args), tblock, mblock, int(tiles),
                       torch.get_num_threads())
     return outs

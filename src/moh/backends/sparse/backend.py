@@ -80,9 +80,12 @@ class SparseBackend:
                 p0 += len(heads)
             queries = call.q.rows_many([(rows.heads, rows.tokens_BPM, rows.positions_BPM) for rows in chunks],
                                        cpu_kernels=projections)
-            for rows, q, g in zip(chunks, queries, chunk_gates):
-                out = _partial_heads(call, rows, q, kv.get(rows.heads[0]) if len(rows.heads) == 1 else None, device,
-                                     tuning)
+            for (heads, M), rows, q, g in zip(plan.partial, chunks, queries, chunk_gates):
+                # rows past a head's own count pad it to the chunk's M: kernels that can skip them do
+                real = [[c[h] for h in heads] for c in counts]
+                real = None if all(n == M for r in real for n in r) else torch.tensor(real)
+                out = _partial_heads(call, rows, q, kv.get(heads[0]) if len(heads) == 1 else None, device, tuning,
+                                     real)
                 acc.add_rows(rows.heads, rows.flat_BPM, out, g)
         return acc.finish()
 
@@ -266,9 +269,9 @@ def _one_run(call: AttentionCall, h0: int, h1: int) -> Tensor:
 
 
 def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor], row_mask: Optional[Tensor],
-         every_row: bool, kv: Optional[tuple[Tensor, Tensor]] = None) -> Attend:
+         every_row: bool, kv: Optional[tuple[Tensor, Tensor]] = None, counts: Optional[Tensor] = None) -> Attend:
     """``kv``: the keys/values of ``heads`` (B, P, S, hd), one key/value head per head, instead of
-    all of them."""
+    all of them. ``counts``: (B, P) real rows of each item and head (the rest padding), or None."""
     S = call.k.shape[2]
     key_mask = call.key_mask if call.key_mask is not None and call.key_mask.shape[1] == 1 else None
     P = len(heads)
@@ -276,7 +279,7 @@ def _job(call: AttentionCall, q: Tensor, heads: list[int], qpos: Optional[Tensor
     return Attend(q=q, keys=keys, values=values, heads=heads if kv is None else list(range(P)), num_heads=num_heads,
                   qpos=qpos, row_mask=row_mask, key_mask=key_mask, causal=call.causal,
                   last_key_horizon=call.q_offset >= S - 1, every_row=every_row, scale=call.scale,
-                  dropout_p=call.dropout_p)
+                  dropout_p=call.dropout_p, counts=counts)
 
 
 def _full_run(call: AttentionCall, h0: int, h1: int, device: str, tuning: SparseTuning,
@@ -294,11 +297,12 @@ def _full_run(call: AttentionCall, h0: int, h1: int, device: str, tuning: Sparse
 
 
 def _partial_heads(call: AttentionCall, rows, q: Tensor, kv: Optional[tuple[Tensor, Tensor]], device: str,
-                   tuning: SparseTuning) -> Tensor:
+                   tuning: SparseTuning, counts: Optional[Tensor] = None) -> Tensor:
     """The gathered rows of partially used heads with their queries q (B, P, M, hd), not gated
-    -> (B, P, M, hd). ``kv``: for a chunk of one head, the keys/values it reads (B, 1, S, hd)."""
+    -> (B, P, M, hd). ``kv``: for a chunk of one head, the keys/values it reads (B, 1, S, hd).
+    ``counts``: (B, P) real rows per item and head where some are padding (None: none are)."""
     job = _job(call, q, rows.heads, rows.key_index(call.q_offset), rows_mask(call.key_mask, rows), every_row=False,
-               kv=kv)
+               kv=kv, counts=counts)
     return attend(job, device, tuning)
 
 

@@ -55,6 +55,8 @@ class Attend:
     every_row: bool  # the rows are all queries in order from key index 0 (no cache offset)
     scale: float
     dropout_p: float
+    # (B, P) real rows per item and head, the rest padding (gated 0) that a kernel may skip; or None
+    counts: Optional[Tensor] = None
 
     @cached_property
     def kv(self) -> tuple[Tensor, Tensor]:
@@ -153,7 +155,8 @@ def _flash_rows(job: Attend, tuning: SparseTuning) -> Tensor:
 def _cpu_rows(job: Attend, tuning: SparseTuning) -> Tensor:
     dtype = job.q.dtype  # one dtype for the kernel (autocast may leave keys in another)
     return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), job.qpos, job.scale, tuning.rows_block,
-                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk, check=False)
+                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk, check=False,
+                                      counts=job.counts)
 
 
 def _blocks(job: Attend, tuning: SparseTuning) -> Tensor:
