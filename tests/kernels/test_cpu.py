@@ -392,7 +392,8 @@ def _pieces(gen, n, D, H, hd, counts):
 @pytest.mark.parametrize("tiles", [True, False])  # moh's register tiles, or sgemm on gathered rows
 def test_scatter_mm_matches_index_add(threads, blocks, tiles):
     """Rows pieces (weight blocks read in place as transposed column slices, and row slices),
-    an every-row piece, repeated (padding) rows, a piece with no rows, out zeroed or added to."""
+    an every-row piece, repeated (padding) rows, a piece with no rows, factors per row (strided),
+    out zeroed or added to."""
     gen = torch.Generator().manual_seed(threads)
     n, D, H, hd = 150, 40, 5, 12
     W = torch.randn(D, H * hd, generator=gen)  # like W_O: head h is W[:, h*hd:(h+1)*hd]
@@ -401,10 +402,14 @@ def test_scatter_mm_matches_index_add(threads, blocks, tiles):
     pieces = [(r, torch.randn(r.numel(), hd, generator=gen), (W[:, h * hd:(h + 1) * hd].t() if h % 2 else
                                                             Wq[h * hd:(h + 1) * hd])) for h, r in enumerate(rows)]
     pieces.append((None, torch.randn(n, 2 * hd, generator=gen), W[:, 3 * hd:5 * hd].t()))
+    # a factor per row (router gates: a strided view), on a rows piece and on an every-row piece
+    gates = torch.rand(n, 3, generator=gen)
+    pieces.append((rows[0], torch.randn(rows[0].numel(), hd, generator=gen), Wq[:hd], gates[: rows[0].numel(), 1]))
+    pieces.append((None, torch.randn(n, hd, generator=gen), W[:, :hd].t(), gates[:, 2]))
     start = torch.randn(n, D, generator=gen)
     ref = start.clone()
-    for r, a, b in pieces:
-        ref.index_add_(0, torch.arange(n) if r is None else r, a @ b)
+    for r, a, b, *scale in pieces:
+        ref.index_add_(0, torch.arange(n) if r is None else r, (a @ b) * (scale[0][:, None] if scale else 1))
     with torch.no_grad(), num_threads(threads):
         tb, mb = blocks
         torch.testing.assert_close(cpu_kernels.scatter_mm(start.clone(), pieces, tblock=tb, mblock=mb, tiles=tiles),
@@ -488,11 +493,13 @@ def test_register_tiles_match_reference(threads, width):
         for g, r, b in zip(got, rows, bs):
             torch.testing.assert_close(g, x[r] @ b)
         for first in ("every", "rows"):
-            pieces = list(zip(rows, a_s, sb))
+            # every other piece with a factor per row (a strided view, as the router's gates)
+            pieces = [(r, a, b) if i % 2 else (r, a, b, torch.rand(r.numel(), 2, generator=gen)[:, 1])
+                      for i, (r, a, b) in enumerate(zip(rows, a_s, sb))]
             pieces = [every] + pieces if first == "every" else pieces + [every]
             ref = torch.zeros(n, width)
-            for r, a, b in pieces:
-                ref.index_add_(0, torch.arange(n) if r is None else r, a @ b)
+            for r, a, b, *scale in pieces:
+                ref.index_add_(0, torch.arange(n) if r is None else r, (a @ b) * (scale[0][:, None] if scale else 1))
             out = torch.full((n, width), float("nan"))  # zero=True must not read what was there
             torch.testing.assert_close(cpu_kernels.scatter_mm(out, pieces, zero=True, tblock=16, tiles=True), ref)
 

@@ -53,7 +53,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 7  # moh_rows_abi() of the source this module speaks to
+ABI = 8  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -125,7 +125,8 @@ def _build() -> ctypes.CDLL:
     lib.moh_two_stage_router.restype = None
     lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
     lib.moh_scatter_mm.restype = None
-    lib.moh_scatter_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 8, ctypes.c_int, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.moh_scatter_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 10, ctypes.c_int, i64, i64, ctypes.c_int,
+                                   ctypes.c_int]
     lib.moh_gather_mm.restype = None
     lib.moh_gather_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 13, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.moh_decode_token.restype = None
@@ -407,49 +408,89 @@ def _ptrs(ts: list) -> Tensor:
                         dtype=torch.int64)
 
 
-def scatter_mm(out: Tensor, pieces: list[tuple[Optional[Tensor], Tensor, Tensor]], zero: bool = False,
-               tblock: int = 256, mblock: int = 128, check: bool = True, tiles: bool = True) -> Tensor:
-    """``out[rows] += a @ b`` for every piece (rows, a, b) in one pass over ``out`` (n, D),
-    contiguous fp32: rows (m,) int64 ascending (repeats allowed) or None for all n rows in order,
-    a (m, k) with unit last stride, b (k, D) with one unit stride (a weight block such as
-    ``W[:, h*hd:(h+1)*hd].t()``, read in place). ``zero``: ``out`` starts at 0. The output
-    projection of gathered head rows (and the input gradient of the query projection): the rows
-    are taken ``tblock`` at a time, so a block of ``out`` stays in cache while every piece adds to
-    it. Returns ``out``. No autograd."""
+def _columns(rows: list[tuple[int, ...]], width: int) -> tuple[Tensor, list[int]]:
+    """Per-piece integer fields (pointers, counts, strides) as one (width, J) int64 tensor and the
+    address of each field's row: the kernels take one array per field."""
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, width).t().contiguous()
+    step = table.shape[1] * 8
+    return table, [table.data_ptr() + i * step for i in range(width)]
+
+
+# a piece of scatter_mm as plain integers: (rows pointer or 0, count, a pointer, lda, k, b pointer,
+# ldb, b stored transposed, scale pointer or 0, scale stride); the caller keeps the tensors alive
+RawScatter = tuple[int, int, int, int, int, int, int, int, int, int]
+
+
+def scatter_mm_raw(out: Tensor, pieces: list[RawScatter], zero: bool = False, tblock: int = 256,
+                   mblock: int = 128, tiles: bool = True) -> Tensor:
+    """``scatter_mm`` of pieces given as addresses and strides (``RawScatter``), unchecked: the
+    sparse backend's output projection, which builds them by arithmetic on its tensors' addresses
+    (a view per head costs more than the product of a few rows)."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
     n, D = out.shape
-    rows_l, counts, a_l, lda, ks, b_l, ldb, bt = [], [], [], [], [], [], [], []
-    for i, (rows, a, b) in enumerate(pieces):
+    pieces = [p for p in pieces if p[1] > 0]  # no rows: adds nothing (an empty tensor's address may be 0)
+    table, cols = _columns(pieces, 10)
+    lib.moh_scatter_mm(out.data_ptr(), n, D, len(pieces), *cols, int(zero), tblock, mblock, int(tiles),
+                       torch.get_num_threads())
+    return out
+
+
+def scatter_mm(out: Tensor, pieces: list[tuple], zero: bool = False, tblock: int = 256, mblock: int = 128,
+               check: bool = True, tiles: bool = True) -> Tensor:
+    """``out[rows] += a @ b`` (times ``scale``, one factor per row) for every piece (rows, a, b) or
+    (rows, a, b, scale) in one pass over ``out`` (n, D), contiguous fp32: rows (m,) int64
+    ascending (repeats allowed) or None for all n rows in order, a (m, k) with unit last stride,
+    b (k, D) with one unit stride (a weight block such as ``W[:, h*hd:(h+1)*hd].t()``, read in
+    place), scale (m,) fp32 (any stride) or None. ``zero``: ``out`` starts at 0. The output
+    projection of gathered head rows (and the input gradient of the query projection): the rows
+    are taken ``tblock`` at a time, so a block of ``out`` stays in cache while every piece adds to
+    it. ``tiles``: moh's register tiles (default) or sgemm on blocks of rows. Returns ``out``. No
+    autograd."""
+    n, D = out.shape
+    raw, keep = [], []
+    for i, piece in enumerate(pieces):
+        rows, a, b = piece[:3]
+        scale = piece[3] if len(piece) > 3 else None
         if check:
             _check_fp32_cpu(**{f"pieces[{i}].a": a})
+            if scale is not None and (scale.dtype != torch.float32 or scale.device.type != "cpu"):
+                raise TypeError(f"pieces[{i}].scale must be an fp32 CPU tensor, got {scale.dtype} on {scale.device}")
             if a.dim() != 2 or b.dim() != 2 or b.shape != (a.shape[1], D):
                 raise ValueError(f"pieces[{i}]: a {tuple(a.shape)} and b {tuple(b.shape)} must be (m, k) and (k, {D})")
             if b.dtype != torch.float32 or b.device.type != "cpu":
                 raise TypeError(f"pieces[{i}].b must be an fp32 CPU tensor, got {b.dtype} on {b.device}")
+            if scale is not None and tuple(scale.shape) != (a.shape[0],):
+                raise ValueError(f"pieces[{i}]: scale {tuple(scale.shape)} must be ({a.shape[0]},), one per row")
         rows = _rows_arg(rows, n, a.shape[0], check, f"pieces[{i}]")
         ld, trans = _matrix(b, f"pieces[{i}].b")
-        if a.shape[0] == 0:  # adds nothing (and an empty tensor's address may be null: "every row")
-            continue
-        rows_l.append(rows)
-        counts.append(a.shape[0])
-        a_l.append(a)
-        lda.append(max(a.stride(0), a.shape[1], 1))
-        ks.append(a.shape[1])
-        b_l.append(b)
-        ldb.append(ld)
-        bt.append(trans)
+        keep.append(rows)
+        raw.append((_ptr(rows) or 0, a.shape[0], a.data_ptr(), max(a.stride(0), a.shape[1], 1), a.shape[1],
+                    b.data_ptr(), ld, trans, _ptr(scale) or 0, 0 if scale is None else scale.stride(0)))
     if check:
         _check_fp32_cpu(out=out)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    args = [_ptrs(rows_l), torch.tensor(counts, dtype=torch.int64), _ptrs(a_l), torch.tensor(lda, dtype=torch.int64),
-            torch.tensor(ks, dtype=torch.int64), _ptrs(b_l), torch.tensor(ldb, dtype=torch.int64),
-            torch.tensor(bt, dtype=torch.int64)]
-    lib.moh_scatter_mm(out.data_ptr(), n, D, len(a_l), *(t.data_ptr() for t in args), int(zero), tblock, mblock,
-                       int(tiles), torch.get_num_threads())
-    return out
+    return scatter_mm_raw(out, raw, zero, tblock, mblock, tiles)
+
+
+# a piece of gather_mm as plain integers: (rows pointer or 0, count, c pointer or 0, ldc, k, b pointer
+# or 0, ldb, b stored transposed, e pointer or 0, lde, g pointer or 0, ldg, g stored transposed)
+RawGather = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+
+
+def gather_mm_raw(x: Tensor, pieces: list[RawGather], tblock: int = 512, mblock: int = 256,
+                  tiles: bool = True) -> None:
+    """``gather_mm`` of pieces given as addresses and strides (``RawGather``), unchecked, writing
+    the products where the c pointers say: the sparse backend's query projection."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
+    n, D = x.shape
+    pieces = [p for p in pieces if p[1] > 0]  # nothing to read (an empty tensor's address may be 0)
+    table, cols = _columns(pieces, 13)
+    lib.moh_gather_mm(x.data_ptr(), n, D, len(pieces), *cols, tblock, mblock, int(tiles), torch.get_num_threads())
 
 
 def gather_mm(x: Tensor, pieces: list[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]],
@@ -472,7 +513,7 @@ def gather_mm(x: Tensor, pieces: list[tuple[Optional[Tensor], Optional[Tensor], 
         if not x.is_contiguous():
             raise ValueError("x must be contiguous")
     outs: list[Optional[Tensor]] = []
-    cols = {k: [] for k in ("rows", "count", "c", "ldc", "k", "b", "ldb", "bt", "e", "lde", "g", "ldg", "gt")}
+    raw, keep = [], []
     for i, (rows, b, e, g) in enumerate(pieces):
         m = (rows.shape[0] if rows is not None else n)
         if b is None and g is None:
@@ -495,14 +536,8 @@ def gather_mm(x: Tensor, pieces: list[tuple[Optional[Tensor], Optional[Tensor], 
         outs.append(c)
         ldb, bt = _matrix(b, f"pieces[{i}].b") if b is not None else (0, 0)
         ldg, gt = _matrix(g, f"pieces[{i}].g") if g is not None else (0, 0)
-        if m == 0:  # nothing to read (and an empty tensor's address may be null: "every row")
-            continue
-        for key, val in (("rows", rows), ("count", m), ("c", c), ("ldc", k), ("k", k), ("b", b), ("ldb", ldb),
-                         ("bt", bt), ("e", e), ("lde", 0 if e is None else max(e.stride(0), k, 1)), ("g", g),
-                         ("ldg", ldg), ("gt", gt)):
-            cols[key].append(val)
-    ints = ("count", "ldc", "k", "ldb", "bt", "lde", "ldg", "gt")
-    args = [torch.tensor(v, dtype=torch.int64) if key in ints else _ptrs(v) for key, v in cols.items()]
-    lib.moh_gather_mm(x.data_ptr(), n, D, len(cols["k"]), *(t.data_ptr() for t in args), tblock, mblock, int(tiles),
-                      torch.get_num_threads())
+        keep.append(rows)
+        raw.append((_ptr(rows) or 0, m, _ptr(c) or 0, k, k, _ptr(b) or 0, ldb, bt, _ptr(e) or 0,
+                    0 if e is None else max(e.stride(0), k, 1), _ptr(g) or 0, ldg, gt))
+    gather_mm_raw(x, raw, tblock, mblock, tiles)
     return outs

@@ -186,7 +186,8 @@ class _SlicedSum:
             autocast = torch.is_autocast_enabled(device)
             dtype = torch.get_autocast_dtype(device) if autocast else w.dtype
             tensors = [t if t.dtype in (torch.int64, torch.int32) else t.to(dtype) for t in self.tensors]
-            fast = self.cpu_kernels and dtype == torch.float32 and _cpu_kernels_fit(w, *self.tensors)
+            fast = self.cpu_kernels and dtype == torch.float32 and _cpu_kernels_fit(w, *self.tensors) and \
+                _unit_last_stride(w, *self.tensors)
             meta = (self.B, self.T, self.op.head_dim, self.pieces, fast)
             if autocast:  # one dtype in forward and backward, as autocast gives a matmul
                 with torch.autocast(device, enabled=False):
@@ -287,6 +288,15 @@ def _cpu_kernels_fit(*tensors: Tensor) -> bool:
     return cpu_kernels.available()
 
 
+def _unit_last_stride(*tensors: Tensor) -> bool:
+    return all(t.stride(-1) == 1 for t in tensors)
+
+
+def _address(t: Tensor, *index: int) -> int:
+    """The address of ``t[index]`` (leading indices), without making the view."""
+    return t.data_ptr() + sum(i * st for i, st in zip(index, t.stride())) * t.element_size()
+
+
 def _per_head(t_BPM: Tensor) -> Tensor:
     """(B, P, M, ...) -> (P, B*M, ...) contiguous: each head's rows of all items in one block."""
     t = t_BPM.transpose(0, 1) if t_BPM.shape[0] > 1 else t_BPM[0]
@@ -294,24 +304,31 @@ def _per_head(t_BPM: Tensor) -> Tensor:
 
 
 def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tensors: tuple) -> Tensor:
-    """``_GatedOutput``'s forward with moh's CPU kernel: every piece, gated, in one
-    ``scatter_mm`` (the output's rows a block at a time for all heads: no per-head product
-    written out and added back)."""
+    """``_GatedOutput``'s forward with moh's CPU kernel: every piece in one ``scatter_mm`` (the
+    output's rows a block at a time for all heads: no per-head product written out and added
+    back). Rows pieces go in as one piece per (item, head), addresses by arithmetic, the gates as
+    row factors applied in the kernel (no gated copy); whole-head pieces gated first."""
     from moh.kernels import cpu as cpu_kernels
 
-    work = []
+    ldw = w_DE.stride(0)  # W_O[:, cols].t(): stored transposed, rows ldw apart
+    raw, keep = [], []
     it = iter(tensors)
     for piece in pieces:
         if piece[0] == "heads":
             _, h0, h1 = piece
             y, g = next(it), next(it)
-            work.append((None, (y * g.unsqueeze(-1)).reshape(B * T, -1), w_DE[:, h0 * hd : h1 * hd].t()))
+            yg = (y * g.unsqueeze(-1)).reshape(B * T, -1)
+            keep.append(yg)
+            raw.append((0, B * T, yg.data_ptr(), yg.stride(0), yg.shape[1], _address(w_DE, 0, h0 * hd), ldw, 1, 0, 0))
         else:
-            y, g, rows = next(it), next(it), next(it)
-            yg, rr = _per_head(y * g.unsqueeze(-1)), _per_head(rows)
-            work += [(rr[p], yg[p], w_DE[:, h * hd : (h + 1) * hd].t()) for p, h in enumerate(piece[1])]
+            y, g, rows = next(it), next(it), next(it)  # (B, P, M, hd), (B, P, M), (B, P, M)
+            M = y.shape[2]
+            for p, h in enumerate(piece[1]):
+                for b in range(B):
+                    raw.append((_address(rows, b, p), M, _address(y, b, p), y.stride(2), hd, _address(w_DE, 0, h * hd),
+                                ldw, 1, _address(g, b, p), g.stride(2)))
     out = w_DE.new_empty(B * T, w_DE.shape[0])
-    return cpu_kernels.scatter_mm(out, work, zero=True, check=False).view(B, T, -1)
+    return cpu_kernels.scatter_mm_raw(out, raw, zero=True).view(B, T, -1)
 
 
 def _gated_output_cpu_backward(dout: Tensor, w_DE: Tensor, dw: Optional[Tensor], B: int, hd: int, pieces: list,
@@ -403,13 +420,20 @@ class _GatherMatmuls(torch.autograd.Function):
 
             x_nD = x_nD.contiguous()
             ctx.save_for_backward(x_nD, w_HoD, *rows)
-            rows_ph = [_per_head(r) for r in rows]
-            outs = [x_nD.new_empty(len(hs), r.shape[0] * r.shape[2], w_HoD.shape[1]) for hs, r in zip(heads, rows)]
-            cpu_kernels.gather_mm(x_nD, [(rr[p], w_HoD[h].t(), None, None)
-                                         for hs, rr in zip(heads, rows_ph) for p, h in enumerate(hs)],
-                                  check=False, out=[o[p] for hs, o in zip(heads, outs) for p in range(len(hs))])
-            return tuple(o.view(len(hs), r.shape[0], r.shape[2], -1).transpose(0, 1)
-                         for hs, r, o in zip(heads, rows, outs))
+            # one piece per (item, head): addresses by arithmetic (a view per piece costs more
+            # than its few rows' product), products straight into (B, P, M, o)
+            o_dim, (w0, w1, _) = w_HoD.shape[1], w_HoD.stride()
+            outs, raw = [], []
+            for hs, r in zip(heads, rows):
+                B, P, M = r.shape
+                o = x_nD.new_empty(B, P, M, o_dim)
+                outs.append(o)
+                for p, h in enumerate(hs):
+                    for b in range(B):
+                        raw.append((_address(r, b, p), M, _address(o, b, p), o_dim, o_dim, _address(w_HoD, h), w1,
+                                    1, 0, 0, 0, 0, 0))
+            cpu_kernels.gather_mm_raw(x_nD, raw)
+            return tuple(outs)
         ctx.save_for_backward(x_nD, w_HoD, *rows)
         buf = _row_buffer(x_nD, rows, x_nD.shape[1])
         return tuple(_head_rows(x_nD, w_HoD, hs, r, buf) for hs, r in zip(heads, rows))
@@ -494,5 +518,5 @@ def gather_matmuls(x_nD: Tensor, w_HoD: Tensor, groups: list[tuple[list[int], Te
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return list(_GatherMatmuls.apply(x_nD.to(dtype), w_HoD.to(dtype), heads, False, *rows))
-    fast = cpu_kernels and _cpu_kernels_fit(x_nD, w_HoD, *rows)
+    fast = cpu_kernels and _cpu_kernels_fit(x_nD, w_HoD, *rows) and _unit_last_stride(w_HoD, *rows)
     return list(_GatherMatmuls.apply(x_nD, w_HoD, heads, fast, *rows))

@@ -228,7 +228,7 @@ inline int64_t live_end(const int64_t* count, int64_t bp, int64_t r0, int64_t r1
 
 extern "C" {
 
-int moh_rows_abi() { return 7; }
+int moh_rows_abi() { return 8; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -543,7 +543,7 @@ static_assert(W == 16, "broadcast() lists W lanes");
 
 template <int MR, int NV>
 inline void tile(const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t c0, float* const* c,
-                 bool add) {
+                 bool add, const float* scale) {
     vf acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
@@ -556,6 +556,9 @@ inline void tile(const float* const* a, int64_t K, const float* B, int64_t ldb, 
             for (int v = 0; v < NV; ++v) acc[i][v] += x * bv[v];
         }
     }
+    if (scale)  // a factor per row of A (the router's gate of each row)
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) acc[i][v] *= scale[i];
     if (add) {
         for (int i = 0; i < MR; ++i)
             for (int v = 0; v < NV; ++v) store(c[i] + c0 + W * v, load(c[i] + c0 + W * v) + acc[i][v]);
@@ -567,44 +570,46 @@ inline void tile(const float* const* a, int64_t K, const float* B, int64_t ldb, 
 
 // columns [c0, N) of m rows, one at a time (N not a multiple of W)
 inline void tile_tail(int m, const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t c0, int64_t N,
-                      float* const* c, bool add) {
+                      float* const* c, bool add, const float* scale) {
     for (int i = 0; i < m; ++i)
         for (int64_t col = c0; col < N; ++col) {
             float sum = 0.0f;
             for (int64_t k = 0; k < K; ++k) sum += a[i][k] * B[k * ldb + col];
+            if (scale) sum *= scale[i];
             c[i][col] = add ? c[i][col] + sum : sum;
         }
 }
 
 template <int MR>
-void tile_row(const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t N, float* const* c, bool add) {
+void tile_row(const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t N, float* const* c, bool add,
+              const float* scale) {
     int64_t c0 = 0;
     if constexpr (MR <= 6) {
         if (N == 4 * W) {
-            tile<MR, 4>(a, K, B, ldb, 0, c, add);
+            tile<MR, 4>(a, K, B, ldb, 0, c, add, scale);
             return;
         }
     }
-    for (; c0 + 3 * W <= N; c0 += 3 * W) tile<MR, 3>(a, K, B, ldb, c0, c, add);
-    for (; c0 + W <= N; c0 += W) tile<MR, 1>(a, K, B, ldb, c0, c, add);
-    if (c0 < N) tile_tail(MR, a, K, B, ldb, c0, N, c, add);
+    for (; c0 + 3 * W <= N; c0 += 3 * W) tile<MR, 3>(a, K, B, ldb, c0, c, add, scale);
+    for (; c0 + W <= N; c0 += W) tile<MR, 1>(a, K, B, ldb, c0, c, add, scale);
+    if (c0 < N) tile_tail(MR, a, K, B, ldb, c0, N, c, add, scale);
 }
 
 // rows per tile: 6 where N is 4 vectors (6 x 4 vectors of C), else 8 (8 x 3)
 inline int tile_rows(int64_t N) { return N == 4 * W ? 6 : 8; }
 
-// C rows [+]= A rows @ B for m <= tile_rows(N) rows
+// C rows [+]= (A rows @ B) [* scale rows] for m <= tile_rows(N) rows; scale: m factors or null
 inline void tile_rows_any(int m, const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t N,
-                          float* const* c, bool add) {
+                          float* const* c, bool add, const float* scale = nullptr) {
     switch (m) {
-        case 8: tile_row<8>(a, K, B, ldb, N, c, add); break;
-        case 7: tile_row<7>(a, K, B, ldb, N, c, add); break;
-        case 6: tile_row<6>(a, K, B, ldb, N, c, add); break;
-        case 5: tile_row<5>(a, K, B, ldb, N, c, add); break;
-        case 4: tile_row<4>(a, K, B, ldb, N, c, add); break;
-        case 3: tile_row<3>(a, K, B, ldb, N, c, add); break;
-        case 2: tile_row<2>(a, K, B, ldb, N, c, add); break;
-        case 1: tile_row<1>(a, K, B, ldb, N, c, add); break;
+        case 8: tile_row<8>(a, K, B, ldb, N, c, add, scale); break;
+        case 7: tile_row<7>(a, K, B, ldb, N, c, add, scale); break;
+        case 6: tile_row<6>(a, K, B, ldb, N, c, add, scale); break;
+        case 5: tile_row<5>(a, K, B, ldb, N, c, add, scale); break;
+        case 4: tile_row<4>(a, K, B, ldb, N, c, add, scale); break;
+        case 3: tile_row<3>(a, K, B, ldb, N, c, add, scale); break;
+        case 2: tile_row<2>(a, K, B, ldb, N, c, add, scale); break;
+        case 1: tile_row<1>(a, K, B, ldb, N, c, add, scale); break;
         default: break;
     }
 }
@@ -641,15 +646,23 @@ std::vector<int64_t> tile_operands(int64_t J, const int64_t* b, const int64_t* l
                                    const std::vector<int64_t>& inner, const std::vector<int64_t>& N,
                                    const std::vector<char>& use,
                                    std::vector<const float*>& out, int threads) {
-    std::vector<int64_t> off(J + 1, 0), ld(J, 0);
+    std::vector<int64_t> off(J + 1, 0), ld(J, 0), same(J, -1);
+    // pieces with the same weight block (one head's rows of several items) share one packed copy
+    for (int64_t j = 0; j < J; ++j)
+        for (int64_t i = j - 1; i >= 0 && use[j] && b_trans[j]; --i)
+            if (use[i] && b_trans[i] && b[i] == b[j] && ldb[i] == ldb[j] && inner[i] == inner[j] && N[i] == N[j]) {
+                same[j] = same[i] >= 0 ? same[i] : i;
+                break;
+            }
     // each piece's block on a 64-byte boundary, as a tensor's: vector loads that straddle two
     // cache lines made the tiles ~18% slower
-    for (int64_t j = 0; j < J; ++j) off[j + 1] = off[j] + (use[j] && b_trans[j] ? padded(inner[j] * N[j]) : 0);
+    for (int64_t j = 0; j < J; ++j)
+        off[j + 1] = off[j] + (use[j] && b_trans[j] && same[j] < 0 ? padded(inner[j] * N[j]) : 0);
     float* buf = scratch(0, off[J]);
     out.assign(J, nullptr);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t j = 0; j < J; ++j) {
-        if (!use[j]) continue;
+        if (!use[j] || same[j] >= 0) continue;
         const float* B = reinterpret_cast<const float*>(b[j]);
         if (b_trans[j]) {
             pack_transposed(B, ldb[j], inner[j], N[j], buf + off[j]);
@@ -660,6 +673,11 @@ std::vector<int64_t> tile_operands(int64_t J, const int64_t* b, const int64_t* l
             ld[j] = ldb[j];
         }
     }
+    for (int64_t j = 0; j < J; ++j)
+        if (same[j] >= 0) {
+            out[j] = out[same[j]];
+            ld[j] = ld[same[j]];
+        }
     return ld;
 }
 
@@ -667,13 +685,15 @@ std::vector<int64_t> tile_operands(int64_t J, const int64_t* b, const int64_t* l
 
 extern "C" {
 
-// out (n, D) row-major (ld D) [+]= sum_j scatter of A_j op(B_j): out[rows_j[i]] += A_j[i] op(B_j);
-// A_j (count_j x k_j, lda_j); op(B_j) (k_j x D): B_j stored (k_j x D) with ldb_j (b_trans 0) or
-// (D x k_j) with ldb_j (b_trans 1). zero: out starts at 0 (else it is added to). Token blocks
-// in parallel: each thread owns its blocks of out.
+// out (n, D) row-major (ld D) [+]= sum_j scatter of A_j op(B_j): out[rows_j[i]] += A_j[i] op(B_j)
+// [* scale_j[i * scale_stride_j]]; A_j (count_j x k_j, lda_j); op(B_j) (k_j x D): B_j stored
+// (k_j x D) with ldb_j (b_trans 0) or (D x k_j) with ldb_j (b_trans 1); scale_j null: no factor.
+// zero: out starts at 0 (else it is added to). Token blocks in parallel: each thread owns its
+// blocks of out.
 void moh_scatter_mm(float* out, int64_t n, int64_t D, int64_t J, const int64_t* rows, const int64_t* count,
                     const int64_t* a, const int64_t* lda, const int64_t* k, const int64_t* b, const int64_t* ldb,
-                    const int64_t* b_trans, int zero, int64_t tblock, int64_t mblock, int tiles, int threads) {
+                    const int64_t* b_trans, const int64_t* scale, const int64_t* scale_stride, int zero,
+                    int64_t tblock, int64_t mblock, int tiles, int threads) {
     const int64_t nblk = (n + tblock - 1) / tblock;
     std::vector<const float*> bt;
     std::vector<int64_t> ldt;
@@ -697,20 +717,24 @@ void moh_scatter_mm(float* out, int64_t n, int64_t D, int64_t J, const int64_t* 
                 const int64_t* R = reinterpret_cast<const int64_t*>(rows[j]);
                 const int64_t r0 = R ? first_at_least(R, count[j], t0) : t0;
                 const int64_t r1 = R ? first_at_least(R, count[j], t1) : t1;
+                if (r1 <= r0) continue;
+                const float* G = reinterpret_cast<const float*>(scale[j]);  // row factors or null
                 if (tiles) {  // A's rows in place, added to out's rows where they lie
                     const float* ar[8];
                     float* cr[8];
+                    float gr[8];
                     for (int64_t s = r0; s < r1; s += mr) {
                         const int m = static_cast<int>(std::min<int64_t>(mr, r1 - s));
                         for (int i = 0; i < m; ++i) {
                             ar[i] = A + (s + i) * lda[j];
                             cr[i] = out + (R ? R[s + i] : s + i) * D;
+                            if (G) gr[i] = G[(s + i) * scale_stride[j]];
                         }
-                        tile_rows_any(m, ar, kk, bt[j], ldt[j], D, cr, !(assign_first && j == 0));
+                        tile_rows_any(m, ar, kk, bt[j], ldt[j], D, cr, !(assign_first && j == 0), G ? gr : nullptr);
                     }
                     continue;
                 }
-                if (!R) {  // every row, in order: straight into out
+                if (!R && !G) {  // every row, in order: straight into out
                     gemm_rm(false, b_trans[j] != 0, t1 - t0, D, kk, 1.0f, A + t0 * lda[j], lda[j], B, ldb[j], 1.0f,
                             out + t0 * D, D);
                     continue;
@@ -720,10 +744,11 @@ void moh_scatter_mm(float* out, int64_t n, int64_t D, int64_t J, const int64_t* 
                     gemm_rm(false, b_trans[j] != 0, m, D, kk, 1.0f, A + s * lda[j], lda[j], B, ldb[j], 0.0f,
                             tmp, D);
                     for (int64_t i = 0; i < m; ++i) {
-                        float* o = out + R[s + i] * D;
+                        float* o = out + (R ? R[s + i] : s + i) * D;
                         const float* c = tmp + i * D;
+                        const float f = G ? G[(s + i) * scale_stride[j]] : 1.0f;
 #pragma omp simd
-                        for (int64_t d = 0; d < D; ++d) o[d] += c[d];
+                        for (int64_t d = 0; d < D; ++d) o[d] += f * c[d];
                     }
                 }
             }
