@@ -422,7 +422,7 @@ class _GatherMatmuls(torch.autograd.Function):
             ctx.save_for_backward(x_nD, w_HoD, *rows)
             # one piece per (item, head): addresses by arithmetic (a view per piece costs more
             # than its few rows' product), products straight into (B, P, M, o)
-            o_dim, (w0, w1, _) = w_HoD.shape[1], w_HoD.stride()
+            o_dim, w1 = w_HoD.shape[1], w_HoD.stride(1)
             outs, raw = [], []
             for hs, r in zip(heads, rows):
                 B, P, M = r.shape
