@@ -36,8 +36,13 @@ def parse_variant(spec: str):
     for item in spec.split(","):
         name, value = item.split("=")
         current = getattr(CPU, name)
-        fields[name] = type(current)(float(value)) if isinstance(current, float) else (
-            value.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(value))
+        if value.lower() == "none":
+            fields[name] = None
+        elif current is None:  # an optional field (an integer where set)
+            fields[name] = int(value)
+        else:
+            fields[name] = type(current)(float(value)) if isinstance(current, float) else (
+                value.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(value))
     return replace(CPU, **fields)
 
 

@@ -172,9 +172,12 @@ class _SlicedSum:
         self.pieces.append(("heads", h0, h1))
         self.tensors += [y_BTPd, gates_BTP]
 
-    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor, gates_BPM: Tensor) -> None:
-        """rows_BPM: indices into the n = B*T flattened rows; y (B, P, M, hd), gates (B, P, M)."""
-        self.pieces.append(("rows", heads))
+    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor, gates_BPM: Tensor,
+                 counts: Optional[list[list[int]]] = None) -> None:
+        """rows_BPM: indices into the n = B*T flattened rows; y (B, P, M, hd), gates (B, P, M).
+        ``counts[b][p]``: item b's real rows of head p, the rest padding (gate 0) that need not be
+        projected; None: all M."""
+        self.pieces.append(("rows", heads, counts))
         self.tensors += [y_BPMd, gates_BPM, rows_BPM]
 
     def finish(self) -> Tensor:
@@ -306,8 +309,9 @@ def _per_head(t_BPM: Tensor) -> Tensor:
 def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tensors: tuple) -> Tensor:
     """``_GatedOutput``'s forward with moh's CPU kernel: every piece in one ``scatter_mm`` (the
     output's rows a block at a time for all heads: no per-head product written out and added
-    back). Rows pieces go in as one piece per (item, head), addresses by arithmetic, the gates as
-    row factors applied in the kernel (no gated copy); whole-head pieces gated first."""
+    back). Rows pieces go in as one piece per (item, head), whole-head pieces as one per head
+    (where their rows are evenly spaced), addresses by arithmetic, the gates as row factors
+    applied in the kernel (no gated copy)."""
     from moh.kernels import cpu as cpu_kernels
 
     ldw = w_DE.stride(0)  # W_O[:, cols].t(): stored transposed, rows ldw apart
@@ -316,17 +320,23 @@ def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tenso
     for piece in pieces:
         if piece[0] == "heads":
             _, h0, h1 = piece
-            y, g = next(it), next(it)
-            yg = (y * g.unsqueeze(-1)).reshape(B * T, -1)
-            keep.append(yg)
-            raw.append((0, B * T, yg.data_ptr(), yg.stride(0), yg.shape[1], _address(w_DE, 0, h0 * hd), ldw, 1, 0, 0))
+            y, g = next(it), next(it)  # (B, T, P, hd), (B, T, P)
+            if (B == 1 or y.stride(0) == T * y.stride(1)) and (B == 1 or g.stride(0) == T * g.stride(1)):
+                # the B*T rows of each head evenly spaced: one piece per head, its gate per row
+                raw += [(0, B * T, _address(y, 0, 0, p), y.stride(1), hd, _address(w_DE, 0, (h0 + p) * hd), ldw, 1,
+                         _address(g, 0, 0, p), g.stride(1)) for p in range(h1 - h0)]
+            else:
+                yg = (y * g.unsqueeze(-1)).reshape(B * T, -1)
+                keep.append(yg)
+                raw.append((0, B * T, yg.data_ptr(), yg.stride(0), yg.shape[1], _address(w_DE, 0, h0 * hd), ldw, 1,
+                            0, 0))
         else:
             y, g, rows = next(it), next(it), next(it)  # (B, P, M, hd), (B, P, M), (B, P, M)
-            M = y.shape[2]
+            M, counts = y.shape[2], piece[2]  # rows past a count are padding: not projected
             for p, h in enumerate(piece[1]):
                 for b in range(B):
-                    raw.append((_address(rows, b, p), M, _address(y, b, p), y.stride(2), hd, _address(w_DE, 0, h * hd),
-                                ldw, 1, _address(g, b, p), g.stride(2)))
+                    raw.append((_address(rows, b, p), M if counts is None else counts[b][p], _address(y, b, p),
+                                y.stride(2), hd, _address(w_DE, 0, h * hd), ldw, 1, _address(g, b, p), g.stride(2)))
     out = w_DE.new_empty(B * T, w_DE.shape[0])
     return cpu_kernels.scatter_mm_raw(out, raw, zero=True).view(B, T, -1)
 
@@ -381,7 +391,8 @@ class _DenseHeads:
         piece[:, h0:h1] = y.reshape(-1, h1 - h0, self.op.head_dim).to(buf.dtype)
         self.heads = buf + piece
 
-    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor, gates_BPM: Tensor) -> None:
+    def add_rows(self, heads: list[int], rows_BPM: Tensor, y_BPMd: Tensor, gates_BPM: Tensor,
+                 counts: Optional[list[list[int]]] = None) -> None:
         y = y_BPMd * gates_BPM.unsqueeze(-1).to(y_BPMd.dtype)
         buf = self._buffer(y)
         H, hd = self.op.num_heads, self.op.head_dim

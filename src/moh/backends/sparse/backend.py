@@ -83,10 +83,10 @@ class SparseBackend:
             for (heads, M), rows, q, g in zip(plan.partial, chunks, queries, chunk_gates):
                 # rows past a head's own count pad it to the chunk's M: kernels that can skip them do
                 real = [[c[h] for h in heads] for c in counts]
-                real = None if all(n == M for r in real for n in r) else torch.tensor(real)
+                padded = any(n != M for r in real for n in r)
                 out = _partial_heads(call, rows, q, kv.get(heads[0]) if len(heads) == 1 else None, device, tuning,
-                                     real)
-                acc.add_rows(rows.heads, rows.flat_BPM, out, g)
+                                     torch.tensor(real) if padded else None)
+                acc.add_rows(rows.heads, rows.flat_BPM, out, g, real if padded else None)
         return acc.finish()
 
 
