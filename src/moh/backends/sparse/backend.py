@@ -64,7 +64,7 @@ class SparseBackend:
         projections = device == "cpu" and tuning.cpu_projections
         acc = call.out.start(B, T, cpu_kernels=projections)
         gates = call.routing.gates_BTH
-        kv = _kv_pieces(call, plan)  # {first head: its keys/values} of runs and one-head chunks
+        kv = _kv_pieces(call, plan)  # {first head: its keys/values} of runs and chunks
         for h0, h1 in plan.full:
             acc.add_heads(h0, h1, _full_run(call, h0, h1, device, tuning, kv.get(h0)), gates[..., h0:h1])
         if plan.partial:
@@ -84,29 +84,34 @@ class SparseBackend:
                 # rows past a head's own count pad it to the chunk's M: kernels that can skip them do
                 real = [[c[h] for h in heads] for c in counts]
                 padded = any(n != M for r in real for n in r)
-                out = _partial_heads(call, rows, q, kv.get(heads[0]) if len(heads) == 1 else None, device, tuning,
+                out = _partial_heads(call, rows, q, kv.get(heads[0]), device, tuning,
                                      torch.tensor(real) if padded else None)
                 acc.add_rows(rows.heads, rows.flat_BPM, out, g, real if padded else None)
         return acc.finish()
 
 
 def _kv_pieces(call: AttentionCall, plan: Plan) -> dict[int, tuple[Tensor, Tensor]]:
-    """{first query head: (k, v) (B, P, S, hd)} for the runs of whole heads and the gathered
-    heads of one-head chunks, as pieces of one split (or unbind) of the keys/values, whose
+    """{first query head: (k, v) (B, P, S, hd)} for the runs of whole heads and the chunks of
+    gathered heads (contiguous heads), as pieces of one split (or unbind) of the keys/values, whose
     backward assembles each gradient once: a slice per chunk would give each its own full-size
     key/value gradient to add up (2 x 6 MB per chunk at N=2048). Without grouped-query attention
     the runs are pieces too (``_SplitHeads``; with slices next to the pieces, a profile of one
     training step at N=2048 showed 9 of 290 ms in zero fills, adds and copies of those
     gradients); with it, only one-head chunks get pieces (their key/value head's) and runs read
-    slices. Empty where chunks hold several heads."""
+    slices. Empty where a chunk's heads are not contiguous (or, with grouped-query attention, where
+    a chunk holds several heads)."""
     H, G = call.shape[2], call.k.shape[1]
-    if not plan.partial or any(len(heads) != 1 for heads, _ in plan.partial):
+    if not plan.partial:
         return {}
     if G != H:
+        if any(len(heads) != 1 for heads, _ in plan.partial):
+            return {}
         k, v = call.k.unbind(1), call.v.unbind(1)
         return {heads[0]: (k[heads[0] // (H // G)].unsqueeze(1), v[heads[0] // (H // G)].unsqueeze(1))
                 for heads, _ in plan.partial}
-    bounds = sorted([(h0, h1) for h0, h1 in plan.full] + [(heads[0], heads[0] + 1) for heads, _ in plan.partial])
+    if any(heads != list(range(heads[0], heads[0] + len(heads))) for heads, _ in plan.partial):
+        return {}  # a chunk of scattered heads reads a gather of them
+    bounds = sorted([(h0, h1) for h0, h1 in plan.full] + [(heads[0], heads[0] + len(heads)) for heads, _ in plan.partial])
     cuts, h = [], 0
     for h0, h1 in bounds:  # unused heads between them: pieces of their own
         cuts += [(h, h0)] if h0 > h else []
@@ -299,7 +304,7 @@ def _full_run(call: AttentionCall, h0: int, h1: int, device: str, tuning: Sparse
 def _partial_heads(call: AttentionCall, rows, q: Tensor, kv: Optional[tuple[Tensor, Tensor]], device: str,
                    tuning: SparseTuning, counts: Optional[Tensor] = None) -> Tensor:
     """The gathered rows of partially used heads with their queries q (B, P, M, hd), not gated
-    -> (B, P, M, hd). ``kv``: for a chunk of one head, the keys/values it reads (B, 1, S, hd).
+    -> (B, P, M, hd). ``kv``: the keys/values the chunk's heads read (B, P, S, hd), one per head.
     ``counts``: (B, P) real rows per item and head where some are padding (None: none are)."""
     job = _job(call, q, rows.heads, rows.key_index(call.q_offset), rows_mask(call.key_mask, rows), every_row=False,
                kv=kv, counts=counts)
