@@ -615,7 +615,7 @@ inline void tile_rows_any(int m, const float* const* a, int64_t K, const float* 
 }
 
 // dst (inner x N, row-major) = the transpose of src (N x inner, ld) (a weight block stored the
-// other way), in 16 x 16 blocks
+// other way), 16 destination columns at a time (16 source rows read in order)
 void pack_transposed(const float* src, int64_t ld, int64_t inner, int64_t N, float* dst) {
     for (int64_t c0 = 0; c0 < N; c0 += 16) {
         const int64_t c1 = std::min(N, c0 + 16);
