@@ -130,6 +130,12 @@ def test_the_sparse_backend_chooses_it():
                                  replace(CPU, cpu_rows=False)) == "flash_rows"
     assert kernels.choose_kernel("cpu", torch.bfloat16, "causal_rows", 100, 200, False, CPU) == "blocks"
     assert kernels.choose_kernel("cpu", torch.float32, "causal_rows", 100, 200, True, CPU) == "blocks"
+    # bidirectional rows: SDPA, unless a chunk's rows end in padding (the rows kernel skips it)
+    assert kernels.choose_kernel("cpu", torch.float32, "none", 100, 200, False, CPU) == "sdpa"
+    assert kernels.choose_kernel("cpu", torch.float32, "none", 100, 200, False, CPU, padded=True) == "cpu_rows_all"
+    assert kernels.choose_kernel("cpu", torch.float32, "padding", 100, 200, False, CPU, padded=True) == "sdpa"
+    assert kernels.choose_kernel("cpu", torch.float32, "none", 100, 200, True, CPU, padded=True) == "sdpa"
+    assert kernels.choose_kernel("cpu", torch.float32, "none", 100, 200, False, CPU_TORCH, padded=True) == "sdpa"
 
 
 @pytest.fixture

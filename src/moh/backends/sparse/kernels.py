@@ -8,6 +8,9 @@ rows that may attend to no key give exactly 0 (as ``masked_softmax`` in the refe
 
     mask "none" / "padding" (bidirectional, or one decoded token that sees every key)
         few rows and no dropout   -> "matmul"     two matmuls (decode steps)
+        mask "none", rows padded (a chunk of several heads), CPU, fp32, no dropout, ``tuning.cpu_rows``
+                                  -> "cpu_rows_all" moh's C++ rows kernel, every row at the last
+                                                  key: skips the padding rows
         else                      -> "sdpa"       fused SDPA (bool mask where the device's SDPA
                                                   zeroes fully masked rows, else additive mask)
     mask "causal" (every query in order from key 0, no padding)
@@ -87,11 +90,16 @@ class Attend:
 
 
 def choose_kernel(device: str, dtype: torch.dtype, mask: str, rows: int, keys: int, dropout: bool,
-                  tuning: SparseTuning) -> str:
+                  tuning: SparseTuning, padded: bool = False) -> str:
     """The kernel for one job; ``device`` a device kind ("cpu", "cuda", ...), ``rows`` the query
-    rows per head, ``keys`` the key positions."""
+    rows per head, ``keys`` the key positions, ``padded``: some heads' rows end in padding."""
     if mask in ("none", "padding"):
-        return "matmul" if rows <= tuning.few_rows and not dropout else "sdpa"
+        if rows <= tuning.few_rows and not dropout:
+            return "matmul"
+        if padded and mask == "none" and not dropout and dtype == torch.float32 and device == "cpu" and \
+                tuning.cpu_rows and cpu_kernels.available():
+            return "cpu_rows_all"
+        return "sdpa"
     if mask == "causal":
         return "sdpa_causal"
     if mask in ("causal_rows", "causal_padding") and device == "cuda" and tuning.triton and not dropout \
@@ -107,7 +115,7 @@ def choose_kernel(device: str, dtype: torch.dtype, mask: str, rows: int, keys: i
 
 def attend(job: Attend, device: str, tuning: SparseTuning) -> Tensor:
     name = choose_kernel(device, job.q.dtype, job.mask_kind(), job.q.shape[2], job.keys.shape[2], job.dropout_p > 0,
-                         tuning)
+                         tuning, padded=job.counts is not None)
     return KERNELS[name](job, tuning)
 
 
@@ -159,6 +167,17 @@ def _cpu_rows(job: Attend, tuning: SparseTuning) -> Tensor:
                                       counts=job.counts)
 
 
+def _cpu_rows_all(job: Attend, tuning: SparseTuning) -> Tensor:
+    """Bidirectional rows with padding (a chunk of several heads): moh's rows kernel with every
+    row at the last key (it sees them all) skips the padding rows, which SDPA would compute."""
+    B, P, M, _ = job.q.shape
+    last = torch.full((B, 1, M), job.keys.shape[2] - 1, dtype=torch.int64, device=job.q.device)
+    dtype = job.q.dtype
+    return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), last, job.scale, tuning.rows_block_all,
+                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk, check=False,
+                                      counts=job.counts)
+
+
 def _blocks(job: Attend, tuning: SparseTuning) -> Tensor:
     return causal_blocks(job, tuning.row_block)
 
@@ -176,7 +195,7 @@ def _triton_rows(job: Attend, tuning: SparseTuning) -> Tensor:
 
 
 KERNELS: dict[str, Callable[[Attend, SparseTuning], Tensor]] = {
-    "matmul": _matmul, "sdpa": _sdpa, "sdpa_causal": _sdpa_causal, "flash_rows": _flash_rows, "cpu_rows": _cpu_rows,
+    "matmul": _matmul, "sdpa": _sdpa, "sdpa_causal": _sdpa_causal, "flash_rows": _flash_rows, "cpu_rows": _cpu_rows, "cpu_rows_all": _cpu_rows_all,
     "blocks": _blocks,
     "triton_rows": _triton_rows,
 }

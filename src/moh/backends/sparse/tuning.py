@@ -66,6 +66,10 @@ class SparseTuning:
     # keys per chunk that every row of a block sees (unmasked), and per chunk of the diagonal
     # (32 / 64 / 128: 2.0 / 2.0 / 2.0 ms)
     rows_block: int = 128
+    # its rows per block for bidirectional rows (every row sees every key; chunks of several heads
+    # with padding, which it skips): 10 heads x ~820 of 2048 rows, 1 thread, one call per head, ms,
+    # blocks 64 / 128 / 256 rows: 45.4 / 42.8 / 40.8 against 41.0 for SDPA
+    rows_block_all: int = 256
     rows_key_chunk: int = 512
     rows_diagonal_chunk: int = 64
     # moh's C++ kernels for the per-head query and output projections of gathered rows and their
@@ -89,7 +93,7 @@ class SparseTuning:
 
     def __post_init__(self) -> None:
         for name in ("row_block", "chunk_bytes", "chunk_bytes_threaded", "flash_block", "flash_grid", "few_rows",
-                     "rows_block", "rows_key_chunk", "rows_diagonal_chunk"):
+                     "rows_block", "rows_block_all", "rows_key_chunk", "rows_diagonal_chunk"):
             if getattr(self, name) is not None and getattr(self, name) < (0 if name == "few_rows" else 1):
                 raise ValueError(f"SparseTuning.{name}={getattr(self, name)} must be positive")
 
