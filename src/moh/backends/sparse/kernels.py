@@ -8,7 +8,8 @@ rows that may attend to no key give exactly 0 (as ``masked_softmax`` in the refe
 
     mask "none" / "padding" (bidirectional, or one decoded token that sees every key)
         few rows and no dropout   -> "matmul"     two matmuls (decode steps)
-        mask "none", rows padded (a chunk of several heads), CPU, fp32, no dropout, ``tuning.cpu_rows``
+        mask "none", gathered rows (``tuning.cpu_rows_all``) or padded ones (a chunk of several
+        heads), CPU, fp32, no dropout, ``tuning.cpu_rows``
                                   -> "cpu_rows_all" moh's C++ rows kernel, every row at the last
                                                   key: skips the padding rows
         else                      -> "sdpa"       fused SDPA (bool mask where the device's SDPA
@@ -90,14 +91,15 @@ class Attend:
 
 
 def choose_kernel(device: str, dtype: torch.dtype, mask: str, rows: int, keys: int, dropout: bool,
-                  tuning: SparseTuning, padded: bool = False) -> str:
+                  tuning: SparseTuning, padded: bool = False, gathered: bool = False) -> str:
     """The kernel for one job; ``device`` a device kind ("cpu", "cuda", ...), ``rows`` the query
-    rows per head, ``keys`` the key positions, ``padded``: some heads' rows end in padding."""
+    rows per head, ``keys`` the key positions, ``padded``: some heads' rows end in padding,
+    ``gathered``: the rows are some of the queries (not all in order)."""
     if mask in ("none", "padding"):
         if rows <= tuning.few_rows and not dropout:
             return "matmul"
-        if padded and mask == "none" and not dropout and dtype == torch.float32 and device == "cpu" and \
-                tuning.cpu_rows and cpu_kernels.available():
+        if (padded or gathered and tuning.cpu_rows_all) and mask == "none" and not dropout and \
+                dtype == torch.float32 and device == "cpu" and tuning.cpu_rows and cpu_kernels.available():
             return "cpu_rows_all"
         return "sdpa"
     if mask == "causal":
@@ -115,7 +117,7 @@ def choose_kernel(device: str, dtype: torch.dtype, mask: str, rows: int, keys: i
 
 def attend(job: Attend, device: str, tuning: SparseTuning) -> Tensor:
     name = choose_kernel(device, job.q.dtype, job.mask_kind(), job.q.shape[2], job.keys.shape[2], job.dropout_p > 0,
-                         tuning, padded=job.counts is not None)
+                         tuning, padded=job.counts is not None, gathered=not job.every_row)
     return KERNELS[name](job, tuning)
 
 
@@ -168,13 +170,13 @@ def _cpu_rows(job: Attend, tuning: SparseTuning) -> Tensor:
 
 
 def _cpu_rows_all(job: Attend, tuning: SparseTuning) -> Tensor:
-    """Bidirectional rows with padding (a chunk of several heads): moh's rows kernel with every
-    row at the last key (it sees them all) skips the padding rows, which SDPA would compute."""
+    """Bidirectional gathered rows: moh's rows kernel with every row at the last key (it sees them
+    all); it skips the padding rows of a chunk of several heads, which SDPA would compute."""
     B, P, M, _ = job.q.shape
     last = torch.full((B, 1, M), job.keys.shape[2] - 1, dtype=torch.int64, device=job.q.device)
     dtype = job.q.dtype
     return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), last, job.scale, tuning.rows_block_all,
-                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk, check=False,
+                                      tuning.rows_key_chunk_all, tuning.rows_diagonal_chunk, check=False,
                                       counts=job.counts)
 
 

@@ -66,10 +66,16 @@ class SparseTuning:
     # keys per chunk that every row of a block sees (unmasked), and per chunk of the diagonal
     # (32 / 64 / 128: 2.0 / 2.0 / 2.0 ms)
     rows_block: int = 128
-    # its rows per block for bidirectional rows (every row sees every key; chunks of several heads
-    # with padding, which it skips): 10 heads x ~820 of 2048 rows, 1 thread, one call per head, ms,
-    # blocks 64 / 128 / 256 rows: 45.4 / 42.8 / 40.8 against 41.0 for SDPA
+    # the rows kernel for all bidirectional gathered rows (every row at the last key), not only
+    # where a chunk's rows end in padding (which it skips and SDPA would compute). Off: even with
+    # SDPA in the layer (N=2048, 50%, 1 thread, % of ideal, on / off: forward 90.7 / 90.0,
+    # training 92.5 / 91.6; N=4096 forward 92.1 / 93.7), though faster alone (10 heads x ~820 of
+    # 2048 rows, keys/values strided views, one call per head, ms, rows per block x keys per
+    # chunk 128 x 512: 42.8, 256 x 512: 40.4, 1024 x 256: 39.5; SDPA 41.0)
+    cpu_rows_all: bool = False
+    # its rows per block and keys per chunk for bidirectional rows
     rows_block_all: int = 256
+    rows_key_chunk_all: int = 512
     rows_key_chunk: int = 512
     rows_diagonal_chunk: int = 64
     # moh's C++ kernels for the per-head query and output projections of gathered rows and their
@@ -93,7 +99,8 @@ class SparseTuning:
 
     def __post_init__(self) -> None:
         for name in ("row_block", "chunk_bytes", "chunk_bytes_threaded", "flash_block", "flash_grid", "few_rows",
-                     "rows_block", "rows_block_all", "rows_key_chunk", "rows_diagonal_chunk"):
+                     "rows_block", "rows_block_all", "rows_key_chunk", "rows_key_chunk_all",
+                     "rows_diagonal_chunk"):
             if getattr(self, name) is not None and getattr(self, name) < (0 if name == "few_rows" else 1):
                 raise ValueError(f"SparseTuning.{name}={getattr(self, name)} must be positive")
 
