@@ -3,7 +3,8 @@
 The earlier commit's ``src/moh`` is extracted with ``git archive`` into a temporary directory as
 package ``moh_old`` (imports rewritten), so both versions live in one process. Both layers get the
 same weights (parameter names are the same) and are timed interleaved, one repeat of each in
-turn, over the cases of RESULTS.md section 1 (D=768, 12 heads of 64, batch 1, fp32).
+turn, over the cases of RESULTS.md section 1 (D=768, 12 heads of 64, batch 1, fp32; or --batch-size,
+--dim, --heads, --head-dim).
 
     python benchmarks/ab_commits.py --old 507dd04 [--backend sparse] [--threads 2] [--repeats 7]
 
@@ -55,6 +56,10 @@ def main() -> int:
     p.add_argument("--cases", default="",
                    help="comma-separated subset of the cases as kind:N:causal|bidir, e.g. forward:2048:causal,decode:4096:causal "
                         "(default: all)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--out", default="results/ab_commits.json")
     args = p.parse_args()
     if args.threads:
@@ -75,12 +80,13 @@ def main() -> int:
     for kind, n, causal in cases:
         for ratio in [int(r) / 100 for r in args.ratios.split(",")]:
             torch.manual_seed(0)
-            x = torch.randn(1, 1 if kind == "decode" else n, 768, requires_grad=kind == "train")
-            ctx = torch.randn(1, n, 768) if kind == "decode" else None
+            B, D, H, hd = args.batch_size, args.dim, args.heads, args.head_dim
+            x = torch.randn(B, 1 if kind == "decode" else n, D, requires_grad=kind == "train")
+            ctx = torch.randn(B, n, D) if kind == "decode" else None
             depth = 4 if kind == "decode" else 1
             calls = {}
-            new_layers = [new_bench.build_moh(768, 12, 64, ratio, args.backend, causal) for _ in range(depth)]
-            old_layers = [old_bench.build_moh(768, 12, 64, ratio, args.backend, causal) for _ in range(depth)]
+            new_layers = [new_bench.build_moh(D, H, hd, ratio, args.backend, causal) for _ in range(depth)]
+            old_layers = [old_bench.build_moh(D, H, hd, ratio, args.backend, causal) for _ in range(depth)]
             for o, nl in zip(old_layers, new_layers):
                 o.load_state_dict(nl.state_dict())
             calls["old"], _ = new_bench._make_call(old_layers, kind, x, ctx, is_moh=True)
@@ -95,6 +101,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(old=args.old, backend=args.backend, threads=torch.get_num_threads(), clock=args.clock,
+                                   batch_size=args.batch_size, dim=args.dim, heads=args.heads, head_dim=args.head_dim,
                                    rows=rows),
                               indent=1))
     print(f"wrote {out}")

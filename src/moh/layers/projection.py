@@ -309,9 +309,9 @@ def _per_head(t_BPM: Tensor) -> Tensor:
 def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tensors: tuple) -> Tensor:
     """``_GatedOutput``'s forward with moh's CPU kernel: every piece in one ``scatter_mm`` (the
     output's rows a block at a time for all heads: no per-head product written out and added
-    back). Rows pieces go in as one piece per (item, head), whole-head pieces as one per head
-    (where their rows are evenly spaced), addresses by arithmetic, the gates as row factors
-    applied in the kernel (no gated copy)."""
+    back). One piece per head (its rows over all items), addresses by arithmetic, the gates as
+    row factors applied in the kernel (no gated copy); with one item a head's padding rows are
+    not projected."""
     from moh.kernels import cpu as cpu_kernels
 
     ldw = w_DE.stride(0)  # W_O[:, cols].t(): stored transposed, rows ldw apart
@@ -332,11 +332,17 @@ def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tenso
                             0, 0))
         else:
             y, g, rows = next(it), next(it), next(it)  # (B, P, M, hd), (B, P, M), (B, P, M)
-            M, counts = y.shape[2], piece[2]  # rows past a count are padding: not projected
+            M, counts = y.shape[2], piece[2]
+            if B > 1:  # one piece per head over all items: its rows (B*M, ascending) made contiguous
+                y, g, rows = _per_head(y), _per_head(g), _per_head(rows)  # (P, B*M, ...)
+                keep += [y, g, rows]
+                y, g, rows = y[None], g[None], rows[None]
             for p, h in enumerate(piece[1]):
-                for b in range(B):
-                    raw.append((_address(rows, b, p), M if counts is None else counts[b][p], _address(y, b, p),
-                                y.stride(2), hd, _address(w_DE, 0, h * hd), ldw, 1, _address(g, b, p), g.stride(2)))
+                # with one item, rows past its count are padding: not projected (with several the
+                # padding lies between items' rows, and its gate is 0)
+                n = y.shape[2] if B > 1 or counts is None else counts[0][p]
+                raw.append((_address(rows, 0, p), n, _address(y, 0, p), y.stride(2), hd, _address(w_DE, 0, h * hd), ldw,
+                            1, _address(g, 0, p), g.stride(2)))
     out = w_DE.new_empty(B * T, w_DE.shape[0])
     return cpu_kernels.scatter_mm_raw(out, raw, zero=True).view(B, T, -1)
 
@@ -431,18 +437,19 @@ class _GatherMatmuls(torch.autograd.Function):
 
             x_nD = x_nD.contiguous()
             ctx.save_for_backward(x_nD, w_HoD, *rows)
-            # one piece per (item, head): addresses by arithmetic (a view per piece costs more
-            # than its few rows' product), products straight into (B, P, M, o)
+            # one piece per head, its rows over all items (B*M, ascending; contiguous: a copy for
+            # B > 1), addresses by arithmetic (a view per piece costs more than its few rows'
+            # product), products straight into (P, B*M, o), returned as (B, P, M, o) views
             o_dim, w1 = w_HoD.shape[1], w_HoD.stride(1)
-            outs, raw = [], []
+            outs, raw, keep = [], [], []
             for hs, r in zip(heads, rows):
                 B, P, M = r.shape
-                o = x_nD.new_empty(B, P, M, o_dim)
-                outs.append(o)
-                for p, h in enumerate(hs):
-                    for b in range(B):
-                        raw.append((_address(r, b, p), M, _address(o, b, p), o_dim, o_dim, _address(w_HoD, h), w1,
-                                    1, 0, 0, 0, 0, 0))
+                rr = _per_head(r)  # (P, B*M)
+                o = x_nD.new_empty(P, B * M, o_dim)
+                keep.append(rr)
+                outs.append(o.view(P, B, M, o_dim).transpose(0, 1))
+                raw += [(_address(rr, p), B * M, _address(o, p), o_dim, o_dim, _address(w_HoD, h), w1, 1, 0, 0, 0, 0, 0)
+                        for p, h in enumerate(hs)]
             cpu_kernels.gather_mm_raw(x_nD, raw)
             return tuple(outs)
         ctx.save_for_backward(x_nD, w_HoD, *rows)
