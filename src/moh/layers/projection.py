@@ -332,7 +332,7 @@ def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tenso
                             0, 0))
         else:
             y, g, rows = next(it), next(it), next(it)  # (B, P, M, hd), (B, P, M), (B, P, M)
-            M, counts = y.shape[2], piece[2]
+            counts = piece[2]
             if B > 1:  # one piece per head over all items: its rows (B*M, ascending) made contiguous
                 y, g, rows = _per_head(y), _per_head(g), _per_head(rows)  # (P, B*M, ...)
                 keep += [y, g, rows]
