@@ -340,7 +340,8 @@ def test_unwritable_cache_builds_in_a_temporary_directory(fresh, monkeypatch, tm
 
 @pytest.mark.parametrize("shared,top_k", [(0, 2), (1, 3), (2, 1), (2, 4), (3, 6)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties):
+@pytest.mark.parametrize("threads", [1, 2])  # from 256 tokens on the C++ router splits them over threads
+def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties, threads):
     """Inputs without autograd take moh's C++ router (decode-sized: all of it; more than 16
     tokens: after one product for the logits); with autograd the torch operations run: same
     gates, active heads and probabilities, also when every routed logit is equal (zero weights:
@@ -355,11 +356,11 @@ def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties):
             r.w_routed.weight.zero_()
     calls = []
     real = cpu_kernels.two_stage_router
-    for shape in [(1, 1, 24), (3, 1, 24), (2, 5, 24), (2, 40, 24)]:
+    for shape in [(1, 1, 24), (3, 1, 24), (2, 5, 24), (2, 40, 24), (2, 300, 24)]:
         x = torch.randn(shape)
         cpu_kernels.two_stage_router = lambda *a, **kw: calls.append(kw["logits"] is not None) or real(*a, **kw)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), num_threads(threads):
                 fast = r(x, None)
         finally:
             cpu_kernels.two_stage_router = real
@@ -370,7 +371,7 @@ def test_two_stage_router_fast_path_matches_the_torch_path(shared, top_k, ties):
         assert fast.learned and fast.num_shared == shared
         if ties:  # the lowest top_k routed heads
             assert fast.active_BTH[..., shared:shared + top_k].all() and not fast.active_BTH[..., shared + top_k:].any()
-    assert calls == [False, False, False, True]  # logits from one product for the 80 tokens only
+    assert calls == [False, False, False, True, True]  # logits from one product from 80 tokens on
 
 
 def test_two_stage_router_bad_inputs_are_named():

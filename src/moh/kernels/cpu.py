@@ -53,7 +53,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 8  # moh_rows_abi() of the source this module speaks to
+ABI = 9  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -123,7 +123,8 @@ def _build() -> ctypes.CDLL:
     lib.moh_rows_backward.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr,
                                       ptr, ptr, ptr, i64, i64, i64, i64, f32, i64, i64, i64, ctypes.c_int]
     lib.moh_two_stage_router.restype = None
-    lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr]
+    lib.moh_two_stage_router.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr,
+                                         ctypes.c_int]
     lib.moh_scatter_mm.restype = None
     lib.moh_scatter_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 10, ctypes.c_int, i64, i64, ctypes.c_int,
                                    ctypes.c_int]
@@ -368,7 +369,7 @@ def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], nu
                                    None if w_balance is None else w_balance.data_ptr(), top_k,
                                    None if logits is None else logits.data_ptr(),
                                    0 if logits is None else logits.stride(0), gates.data_ptr(), active.data_ptr(),
-                                   probs.data_ptr())
+                                   probs.data_ptr(), torch.get_num_threads())
     return gates, active, probs
 
 

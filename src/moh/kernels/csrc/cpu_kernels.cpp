@@ -228,7 +228,7 @@ inline int64_t live_end(const int64_t* count, int64_t bp, int64_t r0, int64_t r1
 
 extern "C" {
 
-int moh_rows_abi() { return 8; }
+int moh_rows_abi() { return 9; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -430,10 +430,8 @@ void moh_decode_token(const float* x, int64_t D, const float* wq, int64_t ldwq, 
 // (n, S + E) (0 where unused), active (n, S + E) as 0/1 bytes, probs (n, E). Weights row-major.
 void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_routed, int64_t E,
                           const float* w_shared, int64_t S, const float* w_balance, int64_t K, const float* logits,
-                          int64_t ldl, float* gates, uint8_t* active, float* probs) {
+                          int64_t ldl, float* gates, uint8_t* active, float* probs, int threads) {
     const int64_t H = S + E;
-    std::vector<float> logit(E + S + 2);
-    std::vector<uint8_t> taken(E);
     auto dot = [D](const float* w, const float* v) {
         float t = 0.0f;
 #pragma omp simd reduction(+ : t)
@@ -447,6 +445,13 @@ void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_r
         for (int64_t i = 0; i < m; ++i) sum += (z[i] = std::exp(z[i] - mx));
         for (int64_t i = 0; i < m; ++i) z[i] /= sum;
     };
+    // tokens split over threads where there are many (a prefill or training batch; a decode
+    // step's one token stays on the calling thread)
+#pragma omp parallel num_threads(n >= 256 ? threads : 1)
+    {
+    std::vector<float> logit(E + S + 2);
+    std::vector<uint8_t> taken(E);
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < n; ++t) {
         const float* xt = x + t * D;
         float* g = gates + t * H;
@@ -496,6 +501,7 @@ void moh_two_stage_router(const float* x, int64_t n, int64_t D, const float* w_r
                 g[S + e] = p[e] * norm * bal[1];
                 a[S + e] = 1;
             }
+    }
     }
 }
 
