@@ -404,11 +404,6 @@ def _rows_arg(rows: Optional[Tensor], n: int, m: int, check: bool, name: str) ->
     return rows
 
 
-def _ptrs(ts: list) -> Tensor:
-    return torch.tensor([0 if t is None else (t if isinstance(t, int) else t.data_ptr()) for t in ts],
-                        dtype=torch.int64)
-
-
 def _columns(rows: list[tuple[int, ...]], width: int) -> tuple[Tensor, list[int]]:
     """Per-piece integer fields (pointers, counts, strides) as one (width, J) int64 tensor and the
     address of each field's row: the kernels take one array per field."""
@@ -432,7 +427,7 @@ def scatter_mm_raw(out: Tensor, pieces: list[RawScatter], zero: bool = False, tb
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
     n, D = out.shape
     pieces = [p for p in pieces if p[1] > 0]  # no rows: adds nothing (an empty tensor's address may be 0)
-    table, cols = _columns(pieces, 10)
+    table, cols = _columns(pieces, 10)  # table: alive until the call returns
     lib.moh_scatter_mm(out.data_ptr(), n, D, len(pieces), *cols, int(zero), tblock, mblock, int(tiles),
                        torch.get_num_threads())
     return out
@@ -490,7 +485,7 @@ def gather_mm_raw(x: Tensor, pieces: list[RawGather], tblock: int = 512, mblock:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
     n, D = x.shape
     pieces = [p for p in pieces if p[1] > 0]  # nothing to read (an empty tensor's address may be 0)
-    table, cols = _columns(pieces, 13)
+    table, cols = _columns(pieces, 13)  # table: alive until the call returns
     lib.moh_gather_mm(x.data_ptr(), n, D, len(pieces), *cols, tblock, mblock, int(tiles), torch.get_num_threads())
 
 

@@ -162,22 +162,22 @@ def _flash_rows(job: Attend, tuning: SparseTuning) -> Tensor:
     return causal_flash(job.q, job.k, job.v, job.qpos, job.scale, tuning.flash_grid, tuning.flash_block)
 
 
-def _cpu_rows(job: Attend, tuning: SparseTuning) -> Tensor:
+def _rows_kernel(job: Attend, qpos: Tensor, rows_block: int, key_chunk: int, tuning: SparseTuning) -> Tensor:
     dtype = job.q.dtype  # one dtype for the kernel (autocast may leave keys in another)
-    return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), job.qpos, job.scale, tuning.rows_block,
-                                      tuning.rows_key_chunk, tuning.rows_diagonal_chunk, check=False,
-                                      counts=job.counts)
+    return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), qpos, job.scale, rows_block, key_chunk,
+                                      tuning.rows_diagonal_chunk, check=False, counts=job.counts)
+
+
+def _cpu_rows(job: Attend, tuning: SparseTuning) -> Tensor:
+    return _rows_kernel(job, job.qpos, tuning.rows_block, tuning.rows_key_chunk, tuning)
 
 
 def _cpu_rows_all(job: Attend, tuning: SparseTuning) -> Tensor:
     """Bidirectional gathered rows: moh's rows kernel with every row at the last key (it sees them
     all); it skips the padding rows of a chunk of several heads, which SDPA would compute."""
-    B, P, M, _ = job.q.shape
+    B, _, M, _ = job.q.shape
     last = torch.full((B, 1, M), job.keys.shape[2] - 1, dtype=torch.int64, device=job.q.device)
-    dtype = job.q.dtype
-    return cpu_kernels.rows_attention(job.q, job.k.to(dtype), job.v.to(dtype), last, job.scale, tuning.rows_block_all,
-                                      tuning.rows_key_chunk_all, tuning.rows_diagonal_chunk, check=False,
-                                      counts=job.counts)
+    return _rows_kernel(job, last, tuning.rows_block_all, tuning.rows_key_chunk_all, tuning)
 
 
 def _blocks(job: Attend, tuning: SparseTuning) -> Tensor:
