@@ -511,6 +511,44 @@ def test_register_tiles_match_reference(threads, width):
             torch.testing.assert_close(cpu_kernels.scatter_mm(out, pieces, zero=True, tblock=16, tiles=True), ref)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("width", [64, 80, 77, 20])
+def test_weight_gradient_tiles_match_reference(threads, width):
+    """Weight gradients by register tiles (rank-1 updates over the gathered rows, x's rows read
+    where they lie): (width, D) row blocks (E^T X) and transposed (D, width) column blocks (X^T E),
+    at the widths the tiles treat apart, row counts that leave every tile height and more rows
+    than one chunk of 128 in a block, every-row pieces; with tiles and with sgemm, against plain
+    products. Also with products in the same pieces (the output projection's backward)."""
+    gen = torch.Generator().manual_seed(width * 3 + threads)
+    n, D = 300, 96
+    x = torch.randn(n, D, generator=gen)
+    counts = [1, 5, 7, 13, 260]
+    rows = [torch.randperm(n, generator=gen)[:c].sort().values for c in counts] + [None]
+    for tiles in (True, False):
+        g_rows, g_cols = torch.randn(width, D, generator=gen), torch.randn(D, width, generator=gen)
+        want_rows, want_cols = g_rows.clone(), g_cols.clone()
+        pieces, products = [], []
+        for i, r in enumerate(rows):
+            xr = x if r is None else x[r]
+            e = torch.randn(xr.shape[0], width, generator=gen)
+            b = torch.randn(D, width, generator=gen) if i % 2 else None
+            if i % 2:
+                want_cols += xr.t() @ e
+                pieces.append((r, b, e, g_cols.t()))
+            else:
+                want_rows += e.t() @ xr
+                pieces.append((r, b, e, g_rows))
+            products.append(None if b is None else xr @ b)
+        with torch.no_grad(), num_threads(threads):
+            got = cpu_kernels.gather_mm(x, pieces, tblock=512 if threads == 1 else 64, tiles=tiles)
+        torch.testing.assert_close(g_rows, want_rows, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g_cols, want_cols, rtol=1e-4, atol=1e-4)
+        for g, p in zip(got, products):
+            assert (g is None) == (p is None)
+            if p is not None:
+                torch.testing.assert_close(g, p)
+
+
 def test_gathered_products_bad_inputs_are_named():
     x, w = torch.randn(10, 8), torch.randn(8, 4)
     out = torch.zeros(10, 8)

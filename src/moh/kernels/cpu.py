@@ -20,8 +20,10 @@ only: no backward).
 Projections of gathered rows: with torch's operations each head's rows are gathered, multiplied
 and (output projection) added back with ``index_add_``, one pass over the (n, D) rows per head.
 Here the rows are taken a block at a time and every head's rows in the block are read from it
-or added to it while it is in cache, the products being ``sgemm`` calls on at most ``mblock``
-rows (N=2048, 50% heads, 1 thread: forward 89% of ideal against 85% with torch's operations).
+or added to it while it is in cache, the products and weight gradients being moh's register
+tiles on the rows where they lie (``tiles=True``; or ``sgemm`` on gathered copies of at most
+``mblock`` rows) (N=2048, 50% heads, 1 thread: forward 89% of ideal against 85% with torch's
+operations).
 
 The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``;
 about one second) against torch's own libraries, into a cache directory keyed by the source,

@@ -9,7 +9,8 @@
 // * moh_two_stage_router: the paper's two-stage router for a few tokens (decode steps), or its
 //   softmaxes and top-k after the logits of many tokens were computed as one product;
 // * moh_scatter_mm / moh_gather_mm: the per-head projections of gathered rows (query projection
-//   and its gradients, output projection and its gradients), token block by token block.
+//   and its gradients, output projection and its gradients), token block by token block, as
+//   register tiles (or sgemm on gathered copies).
 //
 // Rows attention:
 // For every (item, head) the M rows are sorted by key index. A block of up to `qblock` rows
@@ -527,14 +528,17 @@ inline int64_t first_at_least(const int64_t* rows, int64_t count, int64_t t) {
 
 // ---- register tiles: C rows [+]= A rows @ B, rows given by pointer ----
 //
-// With `tiles` on, both kernels compute their products (scatter: every piece; gather: the pieces
-// with no weight gradient) with these instead of sgemm: up to MR rows of A, each a pointer (the
-// rows of x where they lie, no gathered copy; or the operand's rows), times B (inner x N,
-// row-major, ldb), into up to MR rows of C, each a pointer (the rows of out where they lie, no
-// product written out and added back). A register tile is MR rows x NV vectors of C, summed over
-// the whole inner dimension, then stored or added once. B is read in place when stored that way,
-// else packed once per call. N = 64 (the query projection of a 64-wide head): 6 x 4 vectors;
-// otherwise 8 x 3, then 8 x 1, then scalar columns. One head's products (N=2048 tokens, 820
+// With `tiles` on, both kernels compute their products with these instead of sgemm (and gather
+// its weight gradients with the rank-1 tiles further down): up to MR rows of A, each a pointer
+// (the rows of x where they lie, no gathered copy; or the operand's rows), times B (inner x N),
+// into up to MR rows of C, each a pointer (the rows of out where they lie, no product written out
+// and added back). A register tile is MR rows x NV vectors of C, summed over the whole inner
+// dimension, then stored or added once. B is panel-major (tile_row): packed once per call, or
+// read in place where it is one panel stored row-major. N = 64 (the query projection of a
+// 64-wide head): 6 x 4 vectors; otherwise 8 x 3, then 8 x 1, then scalar columns. Panels,
+// against W_O read row-major (its rows 3 KB apart: a tile's 64 x 48 block fell on a few of L1's
+// sets): the output projection of the bench's layer alone (N=2048, 2 shared + 10 x 820 rows,
+// 1 thread) 9.3-9.7 ms against 10.0-10.4. One head's products (N=2048 tokens, 820
 // rows, 768 x 64, 1 thread, Xeon VM with AVX-512): 5.3 ms for the queries of 10 heads against
 // 6.7 ms for gathered rows with sgemm (which copies and packs them); hot in cache both reach
 // ~160 GFLOP/s.
@@ -553,7 +557,7 @@ inline void tile(const float* const* a, int64_t K, const float* B, int64_t ldb, 
     vf acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
-    const float* b = B + c0;
+    const float* b = B;  // the first of the tile's columns
     for (int64_t k = 0; k < K; ++k, b += ldb) {
         vf bv[NV];
         for (int v = 0; v < NV; ++v) bv[v] = load(b + W * v);
@@ -574,59 +578,168 @@ inline void tile(const float* const* a, int64_t K, const float* B, int64_t ldb, 
     }
 }
 
-// columns [c0, N) of m rows, one at a time (N not a multiple of W)
+// columns [c0, N) of m rows, one at a time (N not a multiple of W); B at column c0
 inline void tile_tail(int m, const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t c0, int64_t N,
                       float* const* c, bool add, const float* scale) {
     for (int i = 0; i < m; ++i)
         for (int64_t col = c0; col < N; ++col) {
             float sum = 0.0f;
-            for (int64_t k = 0; k < K; ++k) sum += a[i][k] * B[k * ldb + col];
+            for (int64_t k = 0; k < K; ++k) sum += a[i][k] * B[k * ldb + col - c0];
             if (scale) sum *= scale[i];
             c[i][col] = add ? c[i][col] + sum : sum;
         }
 }
 
+// the width of the column panel of an (inner x N) operand that starts at column c0, as tile_row
+// walks them: all 4 vectors where N is 4 vectors, else 3 vectors, then 1, then the scalar rest
+inline int64_t panel_width(int64_t N, int64_t c0) {
+    if (N == 4 * W) return N;
+    if (c0 + 3 * W <= N) return 3 * W;
+    if (c0 + W <= N) return W;
+    return N - c0;
+}
+
+// B (inner K x N) panel-major, as tile_operands packs it: each column panel (panel_width) a
+// contiguous (K x width) block at B + c0 * K, read by its tile in order. (Read in place from a
+// row-major B, rows ldb apart, the tiles of the output projection ran at ~110 GFLOP/s: W_O's
+// rows 3 KB apart fall on a few of L1's sets, so a tile's 64 x 48 block missed L1.)
 template <int MR>
-void tile_row(const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t N, float* const* c, bool add,
+void tile_row(const float* const* a, int64_t K, const float* B, int64_t N, float* const* c, bool add,
               const float* scale) {
     int64_t c0 = 0;
     if constexpr (MR <= 6) {
         if (N == 4 * W) {
-            tile<MR, 4>(a, K, B, ldb, 0, c, add, scale);
+            tile<MR, 4>(a, K, B, N, 0, c, add, scale);
             return;
         }
     }
-    for (; c0 + 3 * W <= N; c0 += 3 * W) tile<MR, 3>(a, K, B, ldb, c0, c, add, scale);
-    for (; c0 + W <= N; c0 += W) tile<MR, 1>(a, K, B, ldb, c0, c, add, scale);
-    if (c0 < N) tile_tail(MR, a, K, B, ldb, c0, N, c, add, scale);
+    for (; c0 + 3 * W <= N; c0 += 3 * W) tile<MR, 3>(a, K, B + c0 * K, 3 * W, c0, c, add, scale);
+    for (; c0 + W <= N; c0 += W) tile<MR, 1>(a, K, B + c0 * K, W, c0, c, add, scale);
+    if (c0 < N) tile_tail(MR, a, K, B + c0 * K, N - c0, c0, N, c, add, scale);
 }
 
 // rows per tile: 6 where N is 4 vectors (6 x 4 vectors of C), else 8 (8 x 3)
 inline int tile_rows(int64_t N) { return N == 4 * W ? 6 : 8; }
 
 // C rows [+]= (A rows @ B) [* scale rows] for m <= tile_rows(N) rows; scale: m factors or null
-inline void tile_rows_any(int m, const float* const* a, int64_t K, const float* B, int64_t ldb, int64_t N,
+inline void tile_rows_any(int m, const float* const* a, int64_t K, const float* B, int64_t N,
                           float* const* c, bool add, const float* scale = nullptr) {
     switch (m) {
-        case 8: tile_row<8>(a, K, B, ldb, N, c, add, scale); break;
-        case 7: tile_row<7>(a, K, B, ldb, N, c, add, scale); break;
-        case 6: tile_row<6>(a, K, B, ldb, N, c, add, scale); break;
-        case 5: tile_row<5>(a, K, B, ldb, N, c, add, scale); break;
-        case 4: tile_row<4>(a, K, B, ldb, N, c, add, scale); break;
-        case 3: tile_row<3>(a, K, B, ldb, N, c, add, scale); break;
-        case 2: tile_row<2>(a, K, B, ldb, N, c, add, scale); break;
-        case 1: tile_row<1>(a, K, B, ldb, N, c, add, scale); break;
+        case 8: tile_row<8>(a, K, B, N, c, add, scale); break;
+        case 7: tile_row<7>(a, K, B, N, c, add, scale); break;
+        case 6: tile_row<6>(a, K, B, N, c, add, scale); break;
+        case 5: tile_row<5>(a, K, B, N, c, add, scale); break;
+        case 4: tile_row<4>(a, K, B, N, c, add, scale); break;
+        case 3: tile_row<3>(a, K, B, N, c, add, scale); break;
+        case 2: tile_row<2>(a, K, B, N, c, add, scale); break;
+        case 1: tile_row<1>(a, K, B, N, c, add, scale); break;
         default: break;
     }
 }
 
-// dst (inner x N, row-major) = the transpose of src (N x inner, ld) (a weight block stored the
-// other way), 16 destination columns at a time (16 source rows read in order)
-void pack_transposed(const float* src, int64_t ld, int64_t inner, int64_t N, float* dst) {
-    for (int64_t c0 = 0; c0 < N; c0 += 16) {
-        const int64_t c1 = std::min(N, c0 + 16);
-        for (int64_t k = 0; k < inner; ++k)
-            for (int64_t col = c0; col < c1; ++col) dst[k * N + col] = src[col * ld + k];
+// ---- register tiles for weight gradients: C [rows x N] += sum over k of a_k b_k^T ----
+//
+// Each k (a gathered row) gives a column of A (MR consecutive floats at a0 + row(k) * lda) and a
+// row of B (N consecutive floats at b0 + row(k) * ldb), row(k) = rk[k] (rows given: the gathered
+// rows of x, read where they lie) or k; the rank-1 updates are summed in registers and added to C
+// once. dW_Q[h] (64 x D) += E^T X_rows: A = E (a0 + k * 64 + r), B = x's rows; dW_O[:, h] (D x 64)
+// += X_rows^T E: A = x's rows, B = E. sgemm needs the rows gathered into a copy first. Alone (10
+// heads x 820 of 2048 rows, D=768, hd=64; tiles / sgemm, ms): dW_Q 6.1-6.5 / 6.4, dW_O with its
+// product dY 11.9-12.5 / 12.9 at 1 thread; 3.2 / 3.5 and 6.3 / 7.7 at 2 threads.
+template <int MR, int NV, bool RA, bool RB>
+inline void outer_tile(int64_t k0, int64_t k1, const int64_t* rk, const float* a0, int64_t lda, const float* b0,
+                       int64_t ldb, float* const* c) {
+    vf acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
+    for (int64_t k = k0; k < k1; ++k) {
+        const float* a = a0 + (RA ? rk[k] : k) * lda;
+        const float* b = b0 + (RB ? rk[k] : k) * ldb;
+        vf bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = load(b + W * v);
+        for (int i = 0; i < MR; ++i) {
+            const vf x = broadcast(a + i);
+            for (int v = 0; v < NV; ++v) acc[i][v] += x * bv[v];
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) store(c[i] + W * v, load(c[i] + W * v) + acc[i][v]);
+}
+
+template <int MR, bool RA, bool RB>
+inline void outer_panel(int64_t w, int64_t k0, int64_t k1, const int64_t* rk, const float* a0, int64_t lda,
+                        const float* b0, int64_t ldb, float* const* c) {
+    if constexpr (MR <= 6) {
+        if (w == 4 * W) return outer_tile<MR, 4, RA, RB>(k0, k1, rk, a0, lda, b0, ldb, c);
+    }
+    if (w == 3 * W) return outer_tile<MR, 3, RA, RB>(k0, k1, rk, a0, lda, b0, ldb, c);
+    if (w == W) return outer_tile<MR, 1, RA, RB>(k0, k1, rk, a0, lda, b0, ldb, c);
+    for (int i = 0; i < MR; ++i)  // fewer than W columns: one at a time
+        for (int64_t col = 0; col < w; ++col) {
+            float sum = 0.0f;
+            for (int64_t k = k0; k < k1; ++k)
+                sum += a0[(RA ? rk[k] : k) * lda + i] * b0[(RB ? rk[k] : k) * ldb + col];
+            c[i][col] += sum;
+        }
+}
+
+template <bool RA, bool RB>
+void outer_rows(int m, int64_t w, int64_t k0, int64_t k1, const int64_t* rk, const float* a0, int64_t lda,
+                const float* b0, int64_t ldb, float* const* c) {
+    switch (m) {
+        case 8: outer_panel<8, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        case 7: outer_panel<7, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        case 6: outer_panel<6, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        case 5: outer_panel<5, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        case 4: outer_panel<4, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        case 3: outer_panel<3, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        case 2: outer_panel<2, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        case 1: outer_panel<1, RA, RB>(w, k0, k1, rk, a0, lda, b0, ldb, c); break;
+        default: break;
+    }
+}
+
+// C (rows x N, ldc) += sum over k in [k0, k1) of A's column k (rows floats) times B's row k (N
+// floats), A's and B's k-th at a0 / b0 + row(k) * ld, row(k) = rk[k] for the operand marked
+// (`rows_of_a`: A, else B) and k for the other; k in chunks of 256 (a chunk's operand rows stay
+// near while every tile of C reads them; 64 / 128 / 256: dW_Q above 6.5 / 6.3 / 6.1 ms), each tile
+// of C updated once per chunk.
+void outer_acc(int64_t rows, int64_t N, int64_t k0, int64_t k1, const int64_t* rk, bool rows_of_a, const float* a0,
+               int64_t lda, const float* b0, int64_t ldb, float* C, int64_t ldc) {
+    float* cr[8];
+    for (int64_t kc = k0; kc < k1; kc += 256) {
+        const int64_t kd = std::min(k1, kc + 256);
+        for (int64_t c0 = 0; c0 < N; c0 += panel_width(N, c0)) {
+            const int64_t w = panel_width(N, c0);
+            const int mr = w == 4 * W ? 6 : 8;
+            for (int64_t r0 = 0; r0 < rows; r0 += mr) {
+                const int m = static_cast<int>(std::min<int64_t>(mr, rows - r0));
+                for (int i = 0; i < m; ++i) cr[i] = C + (r0 + i) * ldc + c0;
+                if (rk == nullptr)
+                    outer_rows<false, false>(m, w, kc, kd, rk, a0 + r0, lda, b0 + c0, ldb, cr);
+                else if (rows_of_a)
+                    outer_rows<true, false>(m, w, kc, kd, rk, a0 + r0, lda, b0 + c0, ldb, cr);
+                else
+                    outer_rows<false, true>(m, w, kc, kd, rk, a0 + r0, lda, b0 + c0, ldb, cr);
+            }
+        }
+    }
+}
+
+// dst = op(src) (inner x N) panel-major (tile_row): src stored (inner x N) with ld (trans 0) or
+// (N x inner) with ld (trans 1, a weight block stored the other way: 16 source rows read at a time,
+// each in order)
+void pack_panels(const float* src, int64_t ld, bool trans, int64_t inner, int64_t N, float* dst) {
+    for (int64_t c0 = 0; c0 < N;) {
+        const int64_t w = panel_width(N, c0);
+        float* d = dst + c0 * inner;
+        for (int64_t s0 = c0; s0 < c0 + w; s0 += 16) {
+            const int64_t s1 = std::min(c0 + w, s0 + 16);
+            for (int64_t k = 0; k < inner; ++k)
+                for (int64_t col = s0; col < s1; ++col)
+                    d[k * w + col - c0] = trans ? src[col * ld + k] : src[k * ld + col];
+        }
+        c0 += w;
     }
 }
 
@@ -646,45 +759,42 @@ float* scratch(int slot, int64_t n) {
     return buf[slot].get();
 }
 
-// B of every piece as (inner x N) row-major: in place where stored so (trans 0), else packed
-// into `buf` (pieces in parallel); returns the leading dimensions. `use[j]` false: not needed.
-std::vector<int64_t> tile_operands(int64_t J, const int64_t* b, const int64_t* ldb, const int64_t* b_trans,
-                                   const std::vector<int64_t>& inner, const std::vector<int64_t>& N,
-                                   const std::vector<char>& use,
-                                   std::vector<const float*>& out, int threads) {
-    std::vector<int64_t> off(J + 1, 0), ld(J, 0), same(J, -1);
+// B of every piece as (inner x N) panel-major (tile_row): in place where stored so (one panel,
+// row-major, not transposed: the query projection's 64 columns of a head), else packed into this
+// thread's scratch (pieces in parallel). `use[j]` false: not needed.
+void tile_operands(int64_t J, const int64_t* b, const int64_t* ldb, const int64_t* b_trans,
+                   const std::vector<int64_t>& inner, const std::vector<int64_t>& N, const std::vector<char>& use,
+                   std::vector<const float*>& out, int threads) {
+    std::vector<int64_t> off(J + 1, 0), same(J, -1);
+    std::vector<char> pack(J, 0);
+    for (int64_t j = 0; j < J; ++j)
+        pack[j] = use[j] && (b_trans[j] || ldb[j] != N[j] || panel_width(N[j], 0) != N[j]);
     // pieces with the same weight block (one head's rows of several items) share one packed copy
     for (int64_t j = 0; j < J; ++j)
-        for (int64_t i = j - 1; i >= 0 && use[j] && b_trans[j]; --i)
-            if (use[i] && b_trans[i] && b[i] == b[j] && ldb[i] == ldb[j] && inner[i] == inner[j] && N[i] == N[j]) {
+        for (int64_t i = j - 1; i >= 0 && pack[j]; --i)
+            if (pack[i] && b[i] == b[j] && ldb[i] == ldb[j] && b_trans[i] == b_trans[j] && inner[i] == inner[j] &&
+                N[i] == N[j]) {
                 same[j] = same[i] >= 0 ? same[i] : i;
                 break;
             }
     // each piece's block on a 64-byte boundary, as a tensor's: vector loads that straddle two
     // cache lines made the tiles ~18% slower
-    for (int64_t j = 0; j < J; ++j)
-        off[j + 1] = off[j] + (use[j] && b_trans[j] && same[j] < 0 ? padded(inner[j] * N[j]) : 0);
+    for (int64_t j = 0; j < J; ++j) off[j + 1] = off[j] + (pack[j] && same[j] < 0 ? padded(inner[j] * N[j]) : 0);
     float* buf = scratch(0, off[J]);
     out.assign(J, nullptr);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t j = 0; j < J; ++j) {
         if (!use[j] || same[j] >= 0) continue;
         const float* B = reinterpret_cast<const float*>(b[j]);
-        if (b_trans[j]) {
-            pack_transposed(B, ldb[j], inner[j], N[j], buf + off[j]);
+        if (pack[j]) {
+            pack_panels(B, ldb[j], b_trans[j] != 0, inner[j], N[j], buf + off[j]);
             out[j] = buf + off[j];
-            ld[j] = N[j];
         } else {
             out[j] = B;
-            ld[j] = ldb[j];
         }
     }
     for (int64_t j = 0; j < J; ++j)
-        if (same[j] >= 0) {
-            out[j] = out[same[j]];
-            ld[j] = ld[same[j]];
-        }
-    return ld;
+        if (same[j] >= 0) out[j] = out[same[j]];
 }
 
 }  // namespace
@@ -702,10 +812,9 @@ void moh_scatter_mm(float* out, int64_t n, int64_t D, int64_t J, const int64_t* 
                     int64_t tblock, int64_t mblock, int tiles, int threads) {
     const int64_t nblk = (n + tblock - 1) / tblock;
     std::vector<const float*> bt;
-    std::vector<int64_t> ldt;
     if (tiles)
-        ldt = tile_operands(J, b, ldb, b_trans, std::vector<int64_t>(k, k + J), std::vector<int64_t>(J, D),
-                            std::vector<char>(J, 1), bt, threads);
+        tile_operands(J, b, ldb, b_trans, std::vector<int64_t>(k, k + J), std::vector<int64_t>(J, D),
+                      std::vector<char>(J, 1), bt, threads);
     const int mr = tile_rows(D);
     // with tiles, a first piece of every row writes the zeroed block instead of adding to zeros
     const bool assign_first = tiles && zero && J > 0 && rows[0] == 0;
@@ -736,7 +845,7 @@ void moh_scatter_mm(float* out, int64_t n, int64_t D, int64_t J, const int64_t* 
                             cr[i] = out + (R ? R[s + i] : s + i) * D;
                             if (G) gr[i] = G[(s + i) * scale_stride[j]];
                         }
-                        tile_rows_any(m, ar, kk, bt[j], ldt[j], D, cr, !(assign_first && j == 0), G ? gr : nullptr);
+                        tile_rows_any(m, ar, kk, bt[j], D, cr, !(assign_first && j == 0), G ? gr : nullptr);
                     }
                     continue;
                 }
@@ -775,18 +884,13 @@ void moh_gather_mm(const float* x, int64_t n, int64_t D, int64_t J, const int64_
                    const int64_t* b_trans, const int64_t* e, const int64_t* lde, const int64_t* g, const int64_t* ldg,
                    const int64_t* g_trans, int64_t tblock, int64_t mblock, int tiles, int threads) {
     const int64_t nblk = (n + tblock - 1) / tblock;
-    // with tiles: the products of pieces without a weight gradient read x's rows in place
+    // with tiles: products and weight gradients read x's rows in place (no gathered copy)
     std::vector<char> tiled(J, 0);
-    bool untiled = false;  // some piece gathers its rows (a weight gradient, or no tiles)
-    for (int64_t j = 0; j < J; ++j) {
-        tiled[j] = tiles && c[j] != 0 && g[j] == 0;
-        untiled = untiled || !tiled[j];
-    }
+    for (int64_t j = 0; j < J; ++j) tiled[j] = tiles && c[j] != 0;
     std::vector<const float*> bt;
-    std::vector<int64_t> ldt;
     if (tiles)
-        ldt = tile_operands(J, b, ldb, b_trans, std::vector<int64_t>(J, D), std::vector<int64_t>(k, k + J), tiled,
-                            bt, threads);
+        tile_operands(J, b, ldb, b_trans, std::vector<int64_t>(J, D), std::vector<int64_t>(k, k + J), tiled, bt,
+                      threads);
     const bool by_piece = J >= threads || threads == 1;
     // per extra thread, a private weight gradient per piece (only when row blocks run in parallel)
     std::vector<int64_t> goff(J + 1, 0);
@@ -799,18 +903,30 @@ void moh_gather_mm(const float* x, int64_t n, int64_t D, int64_t J, const int64_
         const int64_t r0 = R ? first_at_least(R, count[j], t0) : t0;
         const int64_t r1 = R ? first_at_least(R, count[j], t1) : t1;
         const int kk = static_cast<int>(k[j]);
-        if (tiled[j]) {
-            const int mr = tile_rows(kk);
-            const float* ar[8];
-            float* cr[8];
-            float* C = reinterpret_cast<float*>(c[j]);
-            for (int64_t s = r0; s < r1; s += mr) {
-                const int m = static_cast<int>(std::min<int64_t>(mr, r1 - s));
-                for (int i = 0; i < m; ++i) {
-                    ar[i] = x + (R ? R[s + i] : s + i) * D;
-                    cr[i] = C + (s + i) * ldc[j];
+        if (tiles) {
+            if (tiled[j]) {
+                const int mr = tile_rows(kk);
+                const float* ar[8];
+                float* cr[8];
+                float* C = reinterpret_cast<float*>(c[j]);
+                for (int64_t s = r0; s < r1; s += mr) {
+                    const int m = static_cast<int>(std::min<int64_t>(mr, r1 - s));
+                    for (int i = 0; i < m; ++i) {
+                        ar[i] = x + (R ? R[s + i] : s + i) * D;
+                        cr[i] = C + (s + i) * ldc[j];
+                    }
+                    tile_rows_any(m, ar, D, bt[j], kk, cr, false);
                 }
-                tile_rows_any(m, ar, D, bt[j], ldt[j], kk, cr, false);
+            }
+            if (g[j] != 0 && r1 > r0) {  // this block's rows' share of the weight gradient
+                // operand row s: E's row s and x's row R[s] (R null: s)
+                const float* E = reinterpret_cast<const float*>(e[j]);
+                float* G = gpriv ? gpriv + goff[j] : reinterpret_cast<float*>(g[j]);
+                const int64_t ld = gpriv ? (g_trans[j] ? kk : D) : ldg[j];
+                if (g_trans[j])  // G (D x k) += X^T E: A = x's rows, B = E's rows
+                    outer_acc(D, kk, r0, r1, R, true, x, D, E, lde[j], G, ld);
+                else  // G (k x D) += E^T X: A = E's rows, B = x's rows
+                    outer_acc(kk, D, r0, r1, R, false, E, lde[j], x, D, G, ld);
             }
             return;
         }
@@ -837,7 +953,7 @@ void moh_gather_mm(const float* x, int64_t n, int64_t D, int64_t J, const int64_
     };
 #pragma omp parallel num_threads(threads)
     {
-        float* xtmp = untiled ? scratch(1, mblock * D) : nullptr;
+        float* xtmp = tiles ? nullptr : scratch(1, mblock * D);
         if (by_piece) {
             const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
             for (int64_t tb = 0; tb < nblk; ++tb)
