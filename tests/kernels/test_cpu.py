@@ -618,3 +618,33 @@ def test_decode_token_reads_strided_active_flags_and_mask_as_their_values():
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"k must be \(G, S, hd\).*\(1, 4, 9, 16\)"):
         cpu_kernels.decode_token(x, wq, None, active, gates, k[None], v[None], None, 0.25, wo)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_head_rows_kernel_matches_torch_operations(threads, monkeypatch):
+    """The rows of partially used heads from moh's CPU kernel (``head_rows``) against the torch
+    operations they replace: tokens ascending and padded with T - 1, validity, flat indices and
+    positions; several items, uneven and zero counts, a strided (non-contiguous) active tensor,
+    and enough tokens for the kernel to split items and heads over threads."""
+    from moh.backends.sparse import rows as rows_mod
+
+    gen = torch.Generator().manual_seed(threads)
+    cases = [(3, 50, 7), (1, 1, 4), (2, 70000, 12)]  # the last: B * P * T >= 2^20, threaded
+    for B, T, H in cases:
+        active = torch.rand(B, T, H + 2, generator=gen) < 0.4
+        active = active[..., 1:H + 1]  # strided items and tokens, unit last stride
+        active[0, :, 0] = False  # a head no token of item 0 uses
+        heads = [0, 2, 3, H - 1]
+        M = max(max(int(active[b, :, h].sum()) for b in range(B) for h in heads), 1)
+        positions = torch.arange(T).expand(B, T) + 5
+        with num_threads(threads):
+            got = rows_mod.gather_rows(active, heads, M, positions)
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+        want = rows_mod.gather_rows(active, heads, M, positions)
+        monkeypatch.undo()
+        for name in ("tokens_BPM", "valid_BPM", "flat_BPM", "positions_BPM"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    with pytest.raises(ValueError, match="heads"):
+        cpu_kernels.head_rows(torch.zeros(1, 4, 3, dtype=torch.bool), [3], 2)
+    with pytest.raises(ValueError, match="bool"):
+        cpu_kernels.head_rows(torch.zeros(1, 4, 3), [0], 2)

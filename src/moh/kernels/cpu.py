@@ -55,7 +55,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 9  # moh_rows_abi() of the source this module speaks to
+ABI = 10  # moh_rows_abi() of the source this module speaks to
 
 _lib: Optional[ctypes.CDLL] = None
 _error: Optional[str] = None
@@ -132,6 +132,8 @@ def _build() -> ctypes.CDLL:
                                    ctypes.c_int]
     lib.moh_gather_mm.restype = None
     lib.moh_gather_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 13, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.moh_head_rows.restype = None
+    lib.moh_head_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.moh_decode_token.restype = None
     lib.moh_decode_token.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
                                      ptr, i64, i64, ptr, i64, i64, i64, ptr, f32, ptr, i64, ptr, i64, ptr,
@@ -373,6 +375,29 @@ def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], nu
                                    0 if logits is None else logits.stride(0), gates.data_ptr(), active.data_ptr(),
                                    probs.data_ptr(), torch.get_num_threads())
     return gates, active, probs
+
+
+def head_rows(active_BTH: Tensor, heads: list[int], M: int) -> tuple[Tensor, Tensor]:
+    """For every item b and head ``heads[p]``: the tokens that use it, ascending, padded to M with
+    T - 1 -> tokens (B, P, M) int64, and their number -> counts (B, P) int64. ``active_BTH``: a
+    bool CPU tensor with unit last stride; M at least every count (tokens past M are dropped)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
+    if active_BTH.dtype != torch.bool or active_BTH.device.type != "cpu" or active_BTH.stride(-1) != 1:
+        raise ValueError(f"active must be a bool CPU tensor with unit last stride, got {active_BTH.dtype} on "
+                         f"{active_BTH.device} with strides {active_BTH.stride()}")
+    B, T, H = active_BTH.shape
+    if any(not 0 <= h < H for h in heads):
+        raise ValueError(f"heads {heads} must lie in [0, {H})")
+    P = len(heads)
+    tokens = torch.empty(B, P, M, dtype=torch.int64)
+    counts = torch.empty(B, P, dtype=torch.int64)
+    index = torch.tensor(heads, dtype=torch.int64)
+    if B * P:
+        lib.moh_head_rows(active_BTH.data_ptr(), B, T, active_BTH.stride(0), active_BTH.stride(1), index.data_ptr(),
+                          P, M, tokens.data_ptr(), counts.data_ptr(), torch.get_num_threads())
+    return tokens, counts
 
 
 # ---- per-head products of gathered rows ------------------------------------------------------

@@ -229,7 +229,7 @@ inline int64_t live_end(const int64_t* count, int64_t bp, int64_t r0, int64_t r1
 
 extern "C" {
 
-int moh_rows_abi() { return 9; }
+int moh_rows_abi() { return 10; }
 
 void moh_rows_forward(const float* q, int64_t q_sb, int64_t q_sm, const float* k, int64_t k_sb, int64_t k_ss,
                       const float* v, int64_t v_sb, int64_t v_ss, const int64_t* qpos, int64_t qpos_sb,
@@ -975,6 +975,33 @@ void moh_gather_mm(const float* x, int64_t n, int64_t D, int64_t J, const int64_
             for (int64_t r = 0; r < rws; ++r)
                 for (int64_t q = 0; q < cols; ++q) G[r * ldg[j] + q] += src[r * cols + q];
         }
+}
+
+// The tokens that use each of P heads, per item: active (B, T, H) 0/1 bytes with strides (sb,
+// st, 1); for item b and head heads[p], its tokens in ascending order into tokens[(b * P + p) * M
+// ...], then T - 1 up to M (rows stay ascending), and their number into counts[b * P + p]. M must
+// be at least every count. The sparse backend's row lists, where torch's operations (index,
+// nonzero, cumsum, index_put, ...) took ~0.8 ms for 10 heads of 2048 tokens on one thread.
+void moh_head_rows(const uint8_t* active, int64_t B, int64_t T, int64_t sb, int64_t st, const int64_t* heads,
+                   int64_t P, int64_t M, int64_t* tokens, int64_t* counts, int threads) {
+#pragma omp parallel num_threads(B * P * T >= (1 << 20) ? threads : 1)
+    {
+    std::vector<int64_t> buf(T + 1);  // every token written, the count advanced by its flag: no branch
+#pragma omp for schedule(static)
+    for (int64_t bp = 0; bp < B * P; ++bp) {
+        const uint8_t* a = active + (bp / P) * sb + heads[bp % P];
+        int64_t c = 0;
+        for (int64_t t = 0; t < T; ++t) {
+            buf[c] = t;
+            c += a[t * st] != 0;
+        }
+        c = std::min(c, M);
+        counts[bp] = c;
+        int64_t* out = tokens + bp * M;
+        std::copy(buf.begin(), buf.begin() + c, out);
+        std::fill(out + c, out + M, T - 1);
+    }
+    }
 }
 
 }  // extern "C"
