@@ -300,6 +300,13 @@ def _address(t: Tensor, *index: int) -> int:
     return t.data_ptr() + sum(i * st for i, st in zip(index, t.stride())) * t.element_size()
 
 
+def _along(t: Tensor, dim: int) -> tuple[int, int]:
+    """(address of t's first element, bytes from one index to the next along ``dim``): the
+    address of ``t[0, .., i, ..]`` is their first plus i times their second (a loop over heads
+    asks the tensor once, not per head)."""
+    return t.data_ptr(), t.stride(dim) * t.element_size()
+
+
 def _per_head(t_BPM: Tensor) -> Tensor:
     """(B, P, M, ...) -> (P, B*M, ...) contiguous: each head's rows of all items in one block."""
     t = t_BPM.transpose(0, 1) if t_BPM.shape[0] > 1 else t_BPM[0]
@@ -323,8 +330,9 @@ def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tenso
             y, g = next(it), next(it)  # (B, T, P, hd), (B, T, P)
             if (B == 1 or y.stride(0) == T * y.stride(1)) and (B == 1 or g.stride(0) == T * g.stride(1)):
                 # the B*T rows of each head evenly spaced: one piece per head, its gate per row
-                raw += [(0, B * T, _address(y, 0, 0, p), y.stride(1), hd, _address(w_DE, 0, (h0 + p) * hd), ldw, 1,
-                         _address(g, 0, 0, p), g.stride(1)) for p in range(h1 - h0)]
+                (y0, ys), (g0, gs), (w0, ws) = _along(y, 2), _along(g, 2), _along(w_DE, 1)
+                raw += [(0, B * T, y0 + p * ys, y.stride(1), hd, w0 + (h0 + p) * hd * ws, ldw, 1, g0 + p * gs,
+                         g.stride(1)) for p in range(h1 - h0)]
             else:
                 yg = (y * g.unsqueeze(-1)).reshape(B * T, -1)
                 keep.append(yg)
@@ -337,12 +345,13 @@ def _gated_output_cpu(w_DE: Tensor, B: int, T: int, hd: int, pieces: list, tenso
                 y, g, rows = _per_head(y), _per_head(g), _per_head(rows)  # (P, B*M, ...)
                 keep += [y, g, rows]
                 y, g, rows = y[None], g[None], rows[None]
+            (r0, rs), (y0, ys), (g0, gs), (w0, ws) = _along(rows, 1), _along(y, 1), _along(g, 1), _along(w_DE, 1)
             for p, h in enumerate(piece[1]):
                 # with one item, rows past its count are padding: not projected (with several the
                 # padding lies between items' rows, and its gate is 0)
                 n = y.shape[2] if B > 1 or counts is None else counts[0][p]
-                raw.append((_address(rows, 0, p), n, _address(y, 0, p), y.stride(2), hd, _address(w_DE, 0, h * hd), ldw,
-                            1, _address(g, 0, p), g.stride(2)))
+                raw.append((r0 + p * rs, n, y0 + p * ys, y.stride(2), hd, w0 + h * hd * ws, ldw, 1, g0 + p * gs,
+                            g.stride(2)))
     out = w_DE.new_empty(B * T, w_DE.shape[0])
     return cpu_kernels.scatter_mm_raw(out, raw, zero=True).view(B, T, -1)
 
@@ -448,7 +457,8 @@ class _GatherMatmuls(torch.autograd.Function):
                 o = x_nD.new_empty(P, B * M, o_dim)
                 keep.append(rr)
                 outs.append(o.view(P, B, M, o_dim).transpose(0, 1))
-                raw += [(_address(rr, p), B * M, _address(o, p), o_dim, o_dim, _address(w_HoD, h), w1, 1, 0, 0, 0, 0, 0)
+                (r0, rs), (o0, os_), (w0, ws) = _along(rr, 0), _along(o, 0), _along(w_HoD, 0)
+                raw += [(r0 + p * rs, B * M, o0 + p * os_, o_dim, o_dim, w0 + h * ws, w1, 1, 0, 0, 0, 0, 0)
                         for p, h in enumerate(hs)]
             cpu_kernels.gather_mm_raw(x_nD, raw)
             return tuple(outs)
