@@ -623,9 +623,10 @@ def test_decode_token_reads_strided_active_flags_and_mask_as_their_values():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_head_rows_kernel_matches_torch_operations(threads, monkeypatch):
     """The rows of partially used heads from moh's CPU kernel (``head_rows``) against the torch
-    operations they replace: tokens ascending and padded with T - 1, validity, flat indices and
-    positions; several items, uneven and zero counts, a strided (non-contiguous) active tensor,
-    and enough tokens for the kernel to split items and heads over threads."""
+    operations they replace: tokens ascending and padded with T - 1, validity, flat indices,
+    positions (strided), and the rows' gates with their gradient (by the kernel's gate index);
+    several items, uneven and zero counts, a strided (non-contiguous) active tensor, and enough
+    tokens for the kernel to split items and heads over threads."""
     from moh.backends.sparse import rows as rows_mod
 
     gen = torch.Generator().manual_seed(threads)
@@ -636,15 +637,31 @@ def test_head_rows_kernel_matches_torch_operations(threads, monkeypatch):
         active[0, :, 0] = False  # a head no token of item 0 uses
         heads = [0, 2, 3, H - 1]
         M = max(max(int(active[b, :, h].sum()) for b in range(B) for h in heads), 1)
-        positions = torch.arange(T).expand(B, T) + 5
+        positions = (torch.arange(T) * 3 + 5).expand(B, T)  # strides (0, 1)
+        gates = torch.rand(B, T, H + 1, generator=gen).requires_grad_()
+        gates_BTH = gates[..., :H]  # a strided view
         with num_threads(threads):
             got = rows_mod.gather_rows(active, heads, M, positions)
+            got_gates = rows_mod.row_gates(gates_BTH, got)
+        assert got.gate_index_BPM is not None  # the kernel ran
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
         want = rows_mod.gather_rows(active, heads, M, positions)
         monkeypatch.undo()
+        assert want.gate_index_BPM is None
+        want_gates = rows_mod.row_gates(gates_BTH, want)
         for name in ("tokens_BPM", "valid_BPM", "flat_BPM", "positions_BPM"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert torch.equal(got_gates, want_gates)
+        w = torch.randn(got_gates.shape, generator=gen)
+        g1, = torch.autograd.grad((got_gates * w).sum(), gates, retain_graph=True)
+        g2, = torch.autograd.grad((want_gates * w).sum(), gates)
+        assert torch.equal(g1, g2)
+        narrow = got.narrow(1, 2, M)
+        assert torch.equal(narrow.gate_index_BPM, got.gate_index_BPM[:, 1:3])
+    positions = torch.zeros(1, 4, dtype=torch.int64)
     with pytest.raises(ValueError, match="heads"):
-        cpu_kernels.head_rows(torch.zeros(1, 4, 3, dtype=torch.bool), [3], 2)
+        cpu_kernels.head_rows(torch.zeros(1, 4, 3, dtype=torch.bool), [3], 2, positions)
     with pytest.raises(ValueError, match="bool"):
-        cpu_kernels.head_rows(torch.zeros(1, 4, 3), [0], 2)
+        cpu_kernels.head_rows(torch.zeros(1, 4, 3), [0], 2, positions)
+    with pytest.raises(ValueError, match="positions"):
+        cpu_kernels.head_rows(torch.zeros(1, 4, 3, dtype=torch.bool), [0], 2, positions.int())

@@ -133,7 +133,8 @@ def _build() -> ctypes.CDLL:
     lib.moh_gather_mm.restype = None
     lib.moh_gather_mm.argtypes = [ptr, i64, i64, i64, *[ptr] * 13, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.moh_head_rows.restype = None
-    lib.moh_head_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.moh_head_rows.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr,
+                                  ptr, ptr, ctypes.c_int]
     lib.moh_decode_token.restype = None
     lib.moh_decode_token.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
                                      ptr, i64, i64, ptr, i64, i64, i64, ptr, f32, ptr, i64, ptr, i64, ptr,
@@ -377,10 +378,13 @@ def two_stage_router(x: Tensor, w_routed: Tensor, w_shared: Optional[Tensor], nu
     return gates, active, probs
 
 
-def head_rows(active_BTH: Tensor, heads: list[int], M: int) -> tuple[Tensor, Tensor]:
+def head_rows(active_BTH: Tensor, heads: list[int], M: int, positions_BT: Tensor) -> dict[str, Tensor]:
     """For every item b and head ``heads[p]``: the tokens that use it, ascending, padded to M with
-    T - 1 -> tokens (B, P, M) int64, and their number -> counts (B, P) int64. ``active_BTH``: a
-    bool CPU tensor with unit last stride; M at least every count (tokens past M are dropped)."""
+    T - 1, as (B, P, M) tensors: ``tokens``, ``flat`` (b * T + token), ``positions`` (the tokens'
+    entries of ``positions_BT``), ``valid`` (bool: a real row, not padding), ``gate_index`` (flat *
+    H + head: the row's gate in (B, T, H) in row-major order, as ``torch.take`` reads it); and
+    ``counts`` (B, P). ``active_BTH``: a bool CPU tensor with unit last stride; ``positions_BT``
+    int64 (B, T), any strides; M at least every count (tokens past M are dropped)."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"moh's CPU kernels are not available: {build_error()}")
@@ -388,16 +392,23 @@ def head_rows(active_BTH: Tensor, heads: list[int], M: int) -> tuple[Tensor, Ten
         raise ValueError(f"active must be a bool CPU tensor with unit last stride, got {active_BTH.dtype} on "
                          f"{active_BTH.device} with strides {active_BTH.stride()}")
     B, T, H = active_BTH.shape
+    if positions_BT.dtype != torch.int64 or positions_BT.device.type != "cpu" or tuple(positions_BT.shape) != (B, T):
+        raise ValueError(f"positions must be an int64 CPU tensor of shape {(B, T)}, got {positions_BT.dtype} "
+                         f"{tuple(positions_BT.shape)} on {positions_BT.device}")
     if any(not 0 <= h < H for h in heads):
         raise ValueError(f"heads {heads} must lie in [0, {H})")
     P = len(heads)
-    tokens = torch.empty(B, P, M, dtype=torch.int64)
-    counts = torch.empty(B, P, dtype=torch.int64)
+    out = {name: torch.empty(B, P, M, dtype=torch.int64) for name in ("tokens", "flat", "positions", "gate_index")}
+    out["valid"] = torch.empty(B, P, M, dtype=torch.bool)
+    out["counts"] = torch.empty(B, P, dtype=torch.int64)
     index = torch.tensor(heads, dtype=torch.int64)
     if B * P:
-        lib.moh_head_rows(active_BTH.data_ptr(), B, T, active_BTH.stride(0), active_BTH.stride(1), index.data_ptr(),
-                          P, M, tokens.data_ptr(), counts.data_ptr(), torch.get_num_threads())
-    return tokens, counts
+        lib.moh_head_rows(active_BTH.data_ptr(), B, T, H, active_BTH.stride(0), active_BTH.stride(1),
+                          index.data_ptr(), P, M, positions_BT.data_ptr(), positions_BT.stride(0),
+                          positions_BT.stride(1), out["tokens"].data_ptr(), out["counts"].data_ptr(),
+                          out["flat"].data_ptr(), out["positions"].data_ptr(), out["valid"].data_ptr(),
+                          out["gate_index"].data_ptr(), torch.get_num_threads())
+    return out
 
 
 # ---- per-head products of gathered rows ------------------------------------------------------

@@ -27,13 +27,14 @@ class HeadRows:
     valid_BPM: Tensor  # bool: a real row, not padding
     flat_BPM: Tensor  # index into the B*T flattened rows
     positions_BPM: Tensor  # RoPE positions of the rows
+    gate_index_BPM: Optional[Tensor] = None  # flat * H + head: the row's gate in (B, T, H), row-major
 
     def narrow(self, p0: int, P: int, M: int) -> "HeadRows":
         """Heads p0..p0+P-1 with their first M rows (views): M at least their largest count."""
-        def cut(t: Tensor) -> Tensor:
-            return t[:, p0 : p0 + P, :M]
+        def cut(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t[:, p0 : p0 + P, :M]
         return HeadRows(self.heads[p0 : p0 + P], cut(self.tokens_BPM), cut(self.valid_BPM), cut(self.flat_BPM),
-                        cut(self.positions_BPM))
+                        cut(self.positions_BPM), cut(self.gate_index_BPM))
 
     def key_index(self, q_offset: int) -> Tensor:
         """(B, P, M) key index of every row (its causal horizon)."""
@@ -48,17 +49,16 @@ def gather_rows(active_BTH: Tensor, heads: list[int], M: int, positions_BT: Tens
     B, T, _ = active_BTH.shape
     P, device = len(heads), active_BTH.device
     if device.type == "cpu" and active_BTH.dtype == torch.bool and active_BTH.stride(-1) == 1 and \
-            cpu_kernels.available():
-        tokens, count = cpu_kernels.head_rows(active_BTH, heads, M)
-    else:
-        used = active_BTH[..., heads].transpose(1, 2)  # (B, P, T)
-        count = used.sum(-1)  # (B, P)
-        b, p, t = used.nonzero(as_tuple=True)  # ascending t within each (b, p)
-        bp = b * P + p
-        flat_count = count.view(-1)
-        rank = torch.arange(t.numel(), device=device) - (flat_count.cumsum(0) - flat_count)[bp]  # t's place
-        tokens = torch.full((B, P, M), T - 1, dtype=torch.int64, device=device)
-        tokens.view(-1)[bp * M + rank] = t
+            positions_BT.dtype == torch.int64 and positions_BT.device.type == "cpu" and cpu_kernels.available():
+        r = cpu_kernels.head_rows(active_BTH, heads, M, positions_BT)
+        return HeadRows(heads, r["tokens"], r["valid"], r["flat"], r["positions"], r["gate_index"])
+    used = active_BTH[..., heads].transpose(1, 2)  # (B, P, T)
+    count = used.sum(-1).view(-1)  # (B*P,)
+    b, p, t = used.nonzero(as_tuple=True)  # ascending t within each (b, p)
+    bp = b * P + p
+    rank = torch.arange(t.numel(), device=device) - (count.cumsum(0) - count)[bp]  # t's place among its (b, p)'s
+    tokens = torch.full((B, P, M), T - 1, dtype=torch.int64, device=device)
+    tokens.view(-1)[bp * M + rank] = t
     valid = torch.arange(M, device=device) < count.view(B, P, 1)  # (B, P, M)
     flat = tokens + (torch.arange(B, device=device) * T)[:, None, None]
     positions = positions_BT.gather(1, tokens.view(B, -1)).view(B, P, M)
@@ -77,6 +77,8 @@ def rows_mask(key_mask: Optional[Tensor], rows: HeadRows) -> Optional[Tensor]:
 
 def row_gates(gates_BTH: Tensor, rows: HeadRows) -> Tensor:
     """(B, P, M) router weight of every row, 0 on padding."""
+    if rows.gate_index_BPM is not None:  # take: indices into (B, T, H) in logical order, any strides
+        return torch.take(gates_BTH, rows.gate_index_BPM) * rows.valid_BPM
     return gates_BTH[..., rows.heads].transpose(1, 2).gather(2, rows.tokens_BPM) * rows.valid_BPM
 
 

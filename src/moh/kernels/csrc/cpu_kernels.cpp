@@ -980,16 +980,22 @@ void moh_gather_mm(const float* x, int64_t n, int64_t D, int64_t J, const int64_
 // The tokens that use each of P heads, per item: active (B, T, H) 0/1 bytes with strides (sb,
 // st, 1); for item b and head heads[p], its tokens in ascending order into tokens[(b * P + p) * M
 // ...], then T - 1 up to M (rows stay ascending), and their number into counts[b * P + p]. M must
-// be at least every count. The sparse backend's row lists, where torch's operations (index,
-// nonzero, cumsum, index_put, ...) took ~0.8 ms for 10 heads of 2048 tokens on one thread.
-void moh_head_rows(const uint8_t* active, int64_t B, int64_t T, int64_t sb, int64_t st, const int64_t* heads,
-                   int64_t P, int64_t M, int64_t* tokens, int64_t* counts, int threads) {
+// be at least every count. Also per row: flat = b * T + token, its position (positions (B, T)
+// int64 with strides (psb, pst)), valid (1 for a real row, 0 for padding), and gidx = flat * H +
+// heads[p] (the row's gate in (B, T, H), row-major). The sparse backend's row lists, where
+// torch's operations (index, nonzero, cumsum, index_put, gather, ...) took ~0.8 ms for 10 heads of
+// 2048 tokens on one thread.
+void moh_head_rows(const uint8_t* active, int64_t B, int64_t T, int64_t H, int64_t sb, int64_t st,
+                   const int64_t* heads, int64_t P, int64_t M, const int64_t* positions, int64_t psb, int64_t pst,
+                   int64_t* tokens, int64_t* counts, int64_t* flat, int64_t* pos, uint8_t* valid, int64_t* gidx,
+                   int threads) {
 #pragma omp parallel num_threads(B * P * T >= (1 << 20) ? threads : 1)
     {
     std::vector<int64_t> buf(T + 1);  // every token written, the count advanced by its flag: no branch
 #pragma omp for schedule(static)
     for (int64_t bp = 0; bp < B * P; ++bp) {
-        const uint8_t* a = active + (bp / P) * sb + heads[bp % P];
+        const int64_t b = bp / P, h = heads[bp % P];
+        const uint8_t* a = active + b * sb + h;
         int64_t c = 0;
         for (int64_t t = 0; t < T; ++t) {
             buf[c] = t;
@@ -997,9 +1003,14 @@ void moh_head_rows(const uint8_t* active, int64_t B, int64_t T, int64_t sb, int6
         }
         c = std::min(c, M);
         counts[bp] = c;
-        int64_t* out = tokens + bp * M;
-        std::copy(buf.begin(), buf.begin() + c, out);
-        std::fill(out + c, out + M, T - 1);
+        for (int64_t i = 0; i < M; ++i) {
+            const int64_t t = i < c ? buf[i] : T - 1, r = bp * M + i;
+            tokens[r] = t;
+            flat[r] = b * T + t;
+            pos[r] = positions[b * psb + t * pst];
+            valid[r] = i < c;
+            gidx[r] = (b * T + t) * H + h;
+        }
     }
     }
 }
