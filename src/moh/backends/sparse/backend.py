@@ -309,7 +309,8 @@ def _partial_heads(call: AttentionCall, rows, q: Tensor, kv: Optional[tuple[Tens
     """The gathered rows of partially used heads with their queries q (B, P, M, hd), not gated
     -> (B, P, M, hd). ``kv``: the keys/values the chunk's heads read (B, P, S, hd), one per head.
     ``counts``: (B, P) real rows per item and head where some are padding (None: none are)."""
-    job = _job(call, q, rows.heads, rows.key_index(call.q_offset), rows_mask(call.key_mask, rows), every_row=False,
+    qpos = rows.key_index(call.q_offset) if call.causal else None  # only causal kernels read it
+    job = _job(call, q, rows.heads, qpos, rows_mask(call.key_mask, rows), every_row=False,
                kv=kv, counts=counts)
     return attend(job, device, tuning)
 
