@@ -590,8 +590,9 @@ inline void tile_tail(int m, const float* const* a, int64_t K, const float* B, i
         }
 }
 
-// the width of the column panel of an (inner x N) operand that starts at column c0, as tile_row
-// walks them: all 4 vectors where N is 4 vectors, else 3 vectors, then 1, then the scalar rest
+// the width of the column panel of an (inner x N) operand that starts at column c0: all 4 vectors
+// where N is 4 vectors, else 3 vectors, then 1, then the scalar rest. The one partition that
+// packing (pack_panels) and both kinds of tiles (tile_row, outer_acc) walk.
 inline int64_t panel_width(int64_t N, int64_t c0) {
     if (N == 4 * W) return N;
     if (c0 + 3 * W <= N) return 3 * W;
@@ -606,16 +607,22 @@ inline int64_t panel_width(int64_t N, int64_t c0) {
 template <int MR>
 void tile_row(const float* const* a, int64_t K, const float* B, int64_t N, float* const* c, bool add,
               const float* scale) {
-    int64_t c0 = 0;
-    if constexpr (MR <= 6) {
-        if (N == 4 * W) {
-            tile<MR, 4>(a, K, B, N, 0, c, add, scale);
-            return;
+    for (int64_t c0 = 0; c0 < N; c0 += panel_width(N, c0)) {
+        const int64_t w = panel_width(N, c0);
+        const float* P = B + c0 * K;
+        if constexpr (MR <= 6) {
+            if (w == 4 * W) {
+                tile<MR, 4>(a, K, P, w, c0, c, add, scale);
+                continue;
+            }
         }
+        if (w == 3 * W)
+            tile<MR, 3>(a, K, P, w, c0, c, add, scale);
+        else if (w == W)
+            tile<MR, 1>(a, K, P, w, c0, c, add, scale);
+        else
+            tile_tail(MR, a, K, P, w, c0, c0 + w, c, add, scale);
     }
-    for (; c0 + 3 * W <= N; c0 += 3 * W) tile<MR, 3>(a, K, B + c0 * K, 3 * W, c0, c, add, scale);
-    for (; c0 + W <= N; c0 += W) tile<MR, 1>(a, K, B + c0 * K, W, c0, c, add, scale);
-    if (c0 < N) tile_tail(MR, a, K, B + c0 * K, N - c0, c0, N, c, add, scale);
 }
 
 // rows per tile: 6 where N is 4 vectors (6 x 4 vectors of C), else 8 (8 x 3)
@@ -711,7 +718,7 @@ void outer_acc(int64_t rows, int64_t N, int64_t k0, int64_t k1, const int64_t* r
         const int64_t kd = std::min(k1, kc + 256);
         for (int64_t c0 = 0; c0 < N; c0 += panel_width(N, c0)) {
             const int64_t w = panel_width(N, c0);
-            const int mr = w == 4 * W ? 6 : 8;
+            const int mr = tile_rows(w);
             for (int64_t r0 = 0; r0 < rows; r0 += mr) {
                 const int m = static_cast<int>(std::min<int64_t>(mr, rows - r0));
                 for (int i = 0; i < m; ++i) cr[i] = C + (r0 + i) * ldc + c0;
